@@ -1,0 +1,18 @@
+# larslab launcher: every recipe is a plain cargo or shell command underneath.
+
+# Train one experiment: `just train` (built-in default) or `just train experiments/x.toml --set optimizer.lr=0.5`
+train config="" *args="":
+    cargo run --release -- train {{ if config == "" { "" } else { "--config " + config } }} {{args}}
+
+# The test suite, as CI runs it
+test:
+    cargo test --release
+
+# TensorBoard over every run (pip install tensorboard)
+tb logdir="runs":
+    tensorboard --logdir {{logdir}}
+
+# Format and lint
+check:
+    cargo fmt --check
+    cargo clippy --release --all-targets -- -D warnings

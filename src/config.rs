@@ -1,0 +1,668 @@
+//! The experiment config: one TOML file, every key documented, defaults filled in.
+//!
+//! Loading goes text → [`toml::Table`] → `--set` overrides → typed [`Config`]
+//! → [`Config::validate`]. Overrides are applied to the table, before typing,
+//! so that a file value and an override are checked by the same code and a
+//! bad one is reported under the same dotted key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::UserError;
+
+/// One run, fully described. Written back as the run's `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Run name; the run directory is `<out>/<name>`. Defaults to the config file's stem.
+    pub name: String,
+    /// The one seed for everything random: data, initialisation, shuffling, dropout.
+    pub seed: u64,
+    /// Where tensors live.
+    pub device: DeviceKind,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    /// CUDA when the binary was built with it and a GPU is present, else the CPU.
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub kind: DataKind,
+    /// `idx`: an IDX image file (idx3 `[n, rows, cols]` or idx2 `[n, features]`), raw or gzip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images: Option<PathBuf>,
+    /// `idx`: the matching IDX label file (idx1), raw or gzip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+    /// Synthetic data: how many samples to draw (validation included).
+    pub n_train: usize,
+    /// Share of the samples held out for validation, 0 ≤ f < 1 (0: no validation).
+    pub val_fraction: f64,
+    /// Samples per step. A batch as large as the training split is full-batch gradient descent.
+    pub batch_size: usize,
+    /// Reshuffle the training split every epoch; `false` keeps file order.
+    pub shuffle: bool,
+    /// How features are scaled before training.
+    pub normalize: Normalize,
+    /// Synthetic data: input dimension.
+    pub features: usize,
+    /// Synthetic data: number of classes.
+    pub classes: usize,
+    /// `teacher`: hidden widths of the random tanh teacher network whose argmax is the label.
+    pub teacher_hidden: Vec<usize>,
+    /// `blobs`: standard deviation of each cluster around its centre (centres are drawn from N(0, I)).
+    pub cluster_std: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    /// Gaussian inputs labelled by a random teacher MLP.
+    Teacher,
+    /// Gaussian clusters, one per class.
+    Blobs,
+    /// An IDX image file and label file (MNIST and its cousins).
+    Idx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Leave features as they are.
+    None,
+    /// Divide by 255: pixel grey levels to [0, 1]. A no-op for synthetic data, which is drawn at unit scale.
+    Unit,
+    /// Per-feature zero mean and unit variance, estimated on the training split only.
+    Standard,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Hidden layer widths; `[]` is softmax regression.
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    /// Weight initialisation scheme.
+    pub init: InitScheme,
+    /// The scheme's std, bound, value or gain (see `InitScheme`).
+    pub init_scale: f64,
+    /// The value every bias starts at.
+    pub bias_init: f64,
+    /// A safetensors file with every parameter under its name (`fc1.weight`, ...), used instead of drawing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Dropout probability after each hidden activation while training, 0 ≤ p < 1; 0 is off.
+    pub dropout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    /// Negative slope 0.01, as PyTorch's default.
+    LeakyRelu,
+    Tanh,
+    Sigmoid,
+    /// The exact (erf) GELU.
+    Gelu,
+    /// Klambauer et al. 2017, with their α and λ.
+    Selu,
+    Identity,
+}
+
+/// Weight initialisation. `scale` is `model.init_scale`; fan_in and fan_out are
+/// the layer's input and output widths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    /// N(0, scale²).
+    Normal,
+    /// U[−scale, scale].
+    Uniform,
+    /// U[±scale/√fan_in]: Glorot and Bengio's "standard" init, PyTorch's default at scale 1.
+    UniformFanIn,
+    /// N(0, scale² · 2/(fan_in + fan_out)).
+    XavierNormal,
+    /// U[±scale · √(6/(fan_in + fan_out))].
+    XavierUniform,
+    /// N(0, scale² · 2/fan_in).
+    HeNormal,
+    /// U[±scale · √(6/fan_in)].
+    HeUniform,
+    /// N(0, scale² / fan_in).
+    LecunNormal,
+    /// A random (semi-)orthogonal matrix times scale (Saxe et al. 2014).
+    Orthogonal,
+    /// Every weight equal to scale.
+    Constant,
+    /// Every weight zero.
+    Zeros,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    /// The global learning rate, before the schedule.
+    pub lr: f64,
+    /// Heavy-ball momentum, 0 ≤ m < 1; 0 is plain SGD.
+    pub momentum: f64,
+    /// Nesterov's variant of momentum.
+    pub nesterov: bool,
+    /// L2 weight decay added to the gradient, ≥ 0.
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent with optional momentum, Nesterov and weight decay (PyTorch's and optax's semantics).
+    Sgd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Linear warm-up from lr/warmup_steps to lr over this many steps; 0 is none.
+    pub warmup_steps: u64,
+    /// `poly`: lr · (1 − progress)^power after warm-up (the LARS paper uses 2).
+    pub power: f64,
+    /// `step`: multiply the rate by `gamma` every `step_every` steps.
+    pub step_every: u64,
+    /// `step`: the decay factor, 0 < gamma ≤ 1.
+    pub gamma: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    Poly,
+    Cosine,
+    Step,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer updates to make.
+    pub steps: u64,
+    /// Record training metrics every this many steps (and at the last step).
+    pub log_every: u64,
+    /// Evaluate on the validation split every this many steps (and at the end).
+    pub eval_every: u64,
+    /// Save a checkpoint every this many steps; 0: only the final one.
+    pub checkpoint_every: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            seed: 0,
+            device: DeviceKind::Cpu,
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            schedule: ScheduleConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            kind: DataKind::Teacher,
+            images: None,
+            labels: None,
+            n_train: 10_000,
+            val_fraction: 0.1,
+            batch_size: 128,
+            shuffle: true,
+            normalize: Normalize::Unit,
+            features: 32,
+            classes: 10,
+            teacher_hidden: vec![64],
+            cluster_std: 1.0,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            hidden: vec![128, 128],
+            activation: Activation::Relu,
+            init: InitScheme::HeNormal,
+            init_scale: 1.0,
+            bias_init: 0.0,
+            init_from: None,
+            dropout: 0.0,
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::Sgd,
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 0,
+            power: 2.0,
+            step_every: 1000,
+            gamma: 0.1,
+        }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            log_every: 20,
+            eval_every: 200,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// Where config text came from, for error messages.
+#[derive(Debug, Clone)]
+pub enum Source<'a> {
+    File(&'a Path),
+    BuiltIn,
+}
+
+impl Source<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::BuiltIn => "built-in config".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file, applies `--set` overrides, fills defaults and validates.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, UserError> {
+        let (text, source) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| UserError::ConfigFile {
+                    source_name: path.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                (text, Source::File(path))
+            }
+            None => (DEFAULT_EXPERIMENT.to_string(), Source::BuiltIn),
+        };
+        let mut table = parse_table(&text, &source)?;
+        if !table.contains_key("name") {
+            let name = match path {
+                Some(path) => path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into()),
+                None => "default".into(),
+            };
+            table.insert("name".into(), toml::Value::String(name));
+        }
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+        }
+        let mut config = from_table(table)?;
+        config.validate()?;
+        config.resolve_paths()?;
+        Ok(config)
+    }
+
+    /// The resolved config as TOML, ready to be written as the run's `config.toml`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serialises to TOML")
+    }
+
+    /// Rejects values out of range, naming the dotted key at fault.
+    pub fn validate(&self) -> Result<(), UserError> {
+        let d = &self.data;
+        let m = &self.model;
+        let o = &self.optimizer;
+        let s = &self.schedule;
+        let t = &self.train;
+        check(!self.name.trim().is_empty(), "name", "must not be empty")?;
+        check(
+            !self.name.contains(['/', '\\']) && self.name != "." && self.name != "..",
+            "name",
+            "must be a plain file name (no path separators)",
+        )?;
+        if d.kind == DataKind::Idx {
+            check(
+                d.images.is_some(),
+                "data.images",
+                "is required when data.kind = \"idx\"",
+            )?;
+            check(
+                d.labels.is_some(),
+                "data.labels",
+                "is required when data.kind = \"idx\"",
+            )?;
+        }
+        check(d.n_train >= 2, "data.n_train", "must be at least 2")?;
+        check(
+            (0.0..1.0).contains(&d.val_fraction),
+            "data.val_fraction",
+            "must be in [0, 1)",
+        )?;
+        check(d.batch_size >= 1, "data.batch_size", "must be at least 1")?;
+        check(d.features >= 1, "data.features", "must be at least 1")?;
+        check(d.classes >= 2, "data.classes", "must be at least 2")?;
+        check(
+            d.teacher_hidden.iter().all(|&w| w >= 1),
+            "data.teacher_hidden",
+            "every width must be at least 1",
+        )?;
+        check_positive(d.cluster_std, "data.cluster_std")?;
+        check(
+            m.hidden.iter().all(|&w| w >= 1),
+            "model.hidden",
+            "every width must be at least 1",
+        )?;
+        check(
+            m.init_scale.is_finite(),
+            "model.init_scale",
+            "must be finite",
+        )?;
+        check(m.bias_init.is_finite(), "model.bias_init", "must be finite")?;
+        check(
+            (0.0..1.0).contains(&m.dropout),
+            "model.dropout",
+            "must be in [0, 1)",
+        )?;
+        check_positive(o.lr, "optimizer.lr")?;
+        check(
+            (0.0..1.0).contains(&o.momentum),
+            "optimizer.momentum",
+            "must be in [0, 1)",
+        )?;
+        check(
+            !o.nesterov || o.momentum > 0.0,
+            "optimizer.nesterov",
+            "needs optimizer.momentum > 0",
+        )?;
+        check(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "optimizer.weight_decay",
+            "must be ≥ 0",
+        )?;
+        check(
+            s.power.is_finite() && s.power > 0.0,
+            "schedule.power",
+            "must be > 0",
+        )?;
+        check(
+            s.step_every >= 1,
+            "schedule.step_every",
+            "must be at least 1",
+        )?;
+        check(
+            s.gamma > 0.0 && s.gamma <= 1.0,
+            "schedule.gamma",
+            "must be in (0, 1]",
+        )?;
+        check(t.steps >= 1, "train.steps", "must be at least 1")?;
+        check(t.log_every >= 1, "train.log_every", "must be at least 1")?;
+        check(t.eval_every >= 1, "train.eval_every", "must be at least 1")?;
+        Ok(())
+    }
+
+    /// Makes every path absolute (relative paths are taken from the current
+    /// directory), so that the written `config.toml` reproduces the run from anywhere.
+    fn resolve_paths(&mut self) -> Result<(), UserError> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| UserError::Usage(format!("cannot read the current directory: {e}")))?;
+        for path in [
+            &mut self.data.images,
+            &mut self.data.labels,
+            &mut self.model.init_from,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = cwd.join(&*path);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The built-in experiment that `larslab train` runs without `--config`.
+pub const DEFAULT_EXPERIMENT: &str = include_str!("../experiments/default.toml");
+
+fn check(ok: bool, key: &str, message: &str) -> Result<(), UserError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(UserError::key(key, message))
+    }
+}
+
+fn check_positive(value: f64, key: &str) -> Result<(), UserError> {
+    check(value.is_finite() && value > 0.0, key, "must be > 0")
+}
+
+fn parse_table(text: &str, source: &Source) -> Result<toml::Table, UserError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| UserError::ConfigFile {
+            source_name: match e.span() {
+                Some(span) => format!("{}: line {}", source.describe(), line_of(text, span.start)),
+                None => source.describe(),
+            },
+            message: e.message().trim().to_string(),
+        })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Types a table, reporting the first bad value under its dotted key.
+fn from_table(table: toml::Table) -> Result<Config, UserError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().message().trim().to_string();
+        // Name an unknown key itself, not only the table it sits in.
+        let key = match unknown_field(&message) {
+            Some(field) if path == "." => field.to_string(),
+            Some(field) if !path.ends_with(field) => format!("{path}.{field}"),
+            _ => path,
+        };
+        UserError::key(key, message)
+    })
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// Parses the value of a `--set` or a grid entry: a TOML value, or a bare word taken as a string.
+pub fn parse_value(text: &str) -> toml::Value {
+    match format!("v = {text}").parse::<toml::Table>() {
+        Ok(mut table) => table.remove("v").expect("the key was just written"),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+/// Applies one `KEY=VALUE` assignment with a dotted key to a config table.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), UserError> {
+    let Some((key, value)) = assignment.split_once('=') else {
+        return Err(UserError::Usage(format!(
+            "--set `{assignment}`: expected KEY=VALUE, e.g. optimizer.lr=0.1"
+        )));
+    };
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(UserError::Usage(format!(
+            "--set `{assignment}`: `{key}` is not a dotted config key"
+        )));
+    }
+    let (last, parents) = parts.split_last().expect("split never yields nothing");
+    let mut node = table;
+    for (depth, part) in parents.iter().enumerate() {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(inner) => inner,
+            _ => {
+                return Err(UserError::key(
+                    parts[..=depth].join("."),
+                    "is a value, not a table of keys",
+                ));
+            }
+        };
+    }
+    node.insert(last.to_string(), parse_value(value.trim()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_experiment_is_valid() {
+        let config = Config::load(None, &[]).unwrap();
+        assert_eq!(config.name, "default");
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = from_table(toml::Table::new()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn written_config_reads_back_identically() {
+        let config = Config::load(None, &["model.hidden=[3,4]".into()]).unwrap();
+        let again = from_table(config.to_toml().parse().unwrap()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn values_parse_as_toml_or_bare_strings() {
+        assert_eq!(parse_value("0.5"), toml::Value::Float(0.5));
+        assert_eq!(parse_value("3"), toml::Value::Integer(3));
+        assert_eq!(parse_value("true"), toml::Value::Boolean(true));
+        assert_eq!(parse_value("tanh"), toml::Value::String("tanh".into()));
+        assert_eq!(parse_value("\"tanh\""), toml::Value::String("tanh".into()));
+        assert_eq!(
+            parse_value("[256, 256]"),
+            toml::Value::Array(vec![256.into(), 256.into()])
+        );
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys() {
+        let config = Config::load(
+            None,
+            &[
+                "optimizer.lr=0.5".into(),
+                "model.hidden=[]".into(),
+                "model.activation=tanh".into(),
+                "seed=7".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.optimizer.lr, 0.5);
+        assert!(config.model.hidden.is_empty());
+        assert_eq!(config.model.activation, Activation::Tanh);
+        assert_eq!(config.seed, 7);
+    }
+
+    fn rejected_key(assignment: &str) -> String {
+        match Config::load(None, &[assignment.to_string()]) {
+            Err(UserError::ConfigKey { key, .. }) => key,
+            other => panic!("{assignment}: expected a config key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (assignment, key) in [
+            ("optimizer.lr=0", "optimizer.lr"),
+            ("optimizer.lr=-1", "optimizer.lr"),
+            ("optimizer.lr=nan", "optimizer.lr"),
+            ("optimizer.lr=fast", "optimizer.lr"),
+            ("optimizer.momentum=1", "optimizer.momentum"),
+            ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+            ("optimizer.kind=rmsprop", "optimizer.kind"),
+            ("data.batch_size=0", "data.batch_size"),
+            ("data.batch_size=-3", "data.batch_size"),
+            ("data.val_fraction=1", "data.val_fraction"),
+            ("data.kind=idx", "data.images"),
+            ("model.dropout=1", "model.dropout"),
+            ("model.dropout=-0.1", "model.dropout"),
+            ("model.activation=swish", "model.activation"),
+            ("model.init=glorot", "model.init"),
+            ("model.hidden=[0]", "model.hidden"),
+            ("model.hidden=3", "model.hidden"),
+            ("model.hiden=[3]", "model.hiden"),
+            ("colour=1", "colour"),
+            ("train.steps=0", "train.steps"),
+            ("schedule.kind=linear", "schedule.kind"),
+            ("name=a/b", "name"),
+        ] {
+            assert_eq!(rejected_key(assignment), key, "{assignment}");
+        }
+    }
+
+    #[test]
+    fn override_into_a_value_is_rejected() {
+        assert_eq!(rejected_key("seed.x=1"), "seed");
+    }
+
+    #[test]
+    fn malformed_assignment_is_a_usage_error() {
+        assert!(matches!(
+            Config::load(None, &["optimizer.lr".into()]),
+            Err(UserError::Usage(_))
+        ));
+        assert!(matches!(
+            Config::load(None, &["optimizer..lr=1".into()]),
+            Err(UserError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = parse_table("seed = 1\n[model\n", &Source::BuiltIn).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+}

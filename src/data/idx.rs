@@ -1,0 +1,312 @@
+//! IDX files, the format of MNIST and its cousins (Fashion-MNIST, KMNIST, EMNIST).
+//!
+//! Layout (all integers big-endian): two zero bytes, a type code, the number
+//! of dimensions, one u32 per dimension, then the values in row-major order.
+//! Files may be gzip-compressed; we detect that by its magic bytes, not by the
+//! file name. Every way a file can be wrong is a [`UserError`] naming it.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use flate2::read::GzDecoder;
+
+use crate::error::UserError;
+
+/// The element types the IDX format defines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdxType {
+    U8,
+    I8,
+    I16,
+    I32,
+    F32,
+    F64,
+}
+
+impl IdxType {
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0x08 => Self::U8,
+            0x09 => Self::I8,
+            0x0B => Self::I16,
+            0x0C => Self::I32,
+            0x0D => Self::F32,
+            0x0E => Self::F64,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::U8 => 0x08,
+            Self::I8 => 0x09,
+            Self::I16 => 0x0B,
+            Self::I32 => 0x0C,
+            Self::F32 => 0x0D,
+            Self::F64 => 0x0E,
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::U8 | Self::I8 => 1,
+            Self::I16 => 2,
+            Self::I32 | Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+
+    fn decode(self, bytes: &[u8]) -> f64 {
+        match self {
+            Self::U8 => bytes[0] as f64,
+            Self::I8 => bytes[0] as i8 as f64,
+            Self::I16 => i16::from_be_bytes([bytes[0], bytes[1]]) as f64,
+            Self::I32 => i32::from_be_bytes(bytes.try_into().expect("4 bytes")) as f64,
+            Self::F32 => f32::from_be_bytes(bytes.try_into().expect("4 bytes")) as f64,
+            Self::F64 => f64::from_be_bytes(bytes.try_into().expect("8 bytes")),
+        }
+    }
+}
+
+/// An IDX array, values widened to f32 (labels and grey levels are exact in f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdxArray {
+    pub dtype: IdxType,
+    pub dims: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Refuse arrays beyond this many values (16 GiB of f32): a header claiming
+/// more is corrupt, and reading it would exhaust memory before failing.
+const MAX_VALUES: usize = 1 << 32;
+
+/// Reads an IDX file, raw or gzip.
+pub fn read(path: &Path) -> Result<IdxArray, UserError> {
+    let err = |message: String| UserError::data(path, message);
+    let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let mut reader = open_maybe_gzip(file).map_err(|e| err(format!("cannot read: {e}")))?;
+
+    let mut header = [0u8; 4];
+    read_exact(&mut reader, &mut header, "the 4-byte header").map_err(err)?;
+    if header[0] != 0 || header[1] != 0 {
+        return Err(err(format!(
+            "not an IDX file (magic bytes {:02x} {:02x}, expected 00 00)",
+            header[0], header[1]
+        )));
+    }
+    let dtype = IdxType::from_code(header[2])
+        .ok_or_else(|| err(format!("unknown IDX element type 0x{:02x}", header[2])))?;
+    let ndim = header[3] as usize;
+    if ndim == 0 {
+        return Err(err("IDX header declares 0 dimensions".into()));
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    for i in 0..ndim {
+        let mut b = [0u8; 4];
+        read_exact(&mut reader, &mut b, &format!("the size of dimension {i}")).map_err(err)?;
+        dims.push(u32::from_be_bytes(b) as usize);
+    }
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_VALUES)
+        .ok_or_else(|| err(format!("implausible dimensions {dims:?}")))?;
+
+    let values = read_values(&mut reader, dtype, count).map_err(err)?;
+    let mut probe = [0u8; 1];
+    match reader.read(&mut probe) {
+        Ok(0) => {}
+        Ok(_) => {
+            return Err(err(format!(
+                "has bytes after the {count} values its header {dims:?} declares"
+            )));
+        }
+        Err(e) => return Err(err(format!("cannot read: {e}"))),
+    }
+    Ok(IdxArray {
+        dtype,
+        dims,
+        values,
+    })
+}
+
+fn open_maybe_gzip(file: File) -> std::io::Result<Box<dyn Read>> {
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let is_gzip = {
+        use std::io::BufRead;
+        reader.fill_buf()?.starts_with(&[0x1f, 0x8b])
+    };
+    Ok(if is_gzip {
+        Box::new(BufReader::with_capacity(1 << 16, GzDecoder::new(reader)))
+    } else {
+        Box::new(reader)
+    })
+}
+
+fn read_exact(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<(), String> {
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => format!("truncated: the file ends within {what}"),
+        _ => format!("cannot read {what}: {e}"),
+    })
+}
+
+/// Streams the values in chunks, so memory holds the f32 result and one chunk.
+fn read_values(reader: &mut dyn Read, dtype: IdxType, count: usize) -> Result<Vec<f32>, String> {
+    let size = dtype.size();
+    let mut values = Vec::with_capacity(count);
+    let mut chunk = vec![0u8; (1 << 16) * size];
+    while values.len() < count {
+        let n = (count - values.len()).min(1 << 16);
+        let bytes = &mut chunk[..n * size];
+        read_exact(reader, bytes, "the data").map_err(|_| {
+            format!("truncated: the header declares {count} values, the file ends before that")
+        })?;
+        match dtype {
+            IdxType::U8 => values.extend(bytes.iter().map(|&b| b as f32)),
+            _ => values.extend(bytes.chunks_exact(size).map(|b| dtype.decode(b) as f32)),
+        }
+    }
+    Ok(values)
+}
+
+/// Writes a u8 IDX file; gzip-compressed when `gzip`. Written to a temporary
+/// name and renamed, so an interrupted write never leaves a half file.
+pub fn write_u8(path: &Path, dims: &[usize], values: &[u8], gzip: bool) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(4 + 4 * dims.len() + values.len());
+    bytes.extend_from_slice(&[0, 0, IdxType::U8.code(), dims.len() as u8]);
+    for &d in dims {
+        bytes.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    bytes.extend_from_slice(values);
+    if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(
+            BufWriter::new(Vec::new()),
+            flate2::Compression::default(),
+        );
+        encoder.write_all(&bytes)?;
+        bytes = encoder.finish()?.into_inner().map_err(|e| e.into_error())?;
+    }
+    crate::fsutil::atomic_write(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(code: u8, dims: &[u32]) -> Vec<u8> {
+        let mut b = vec![0, 0, code, dims.len() as u8];
+        for d in dims {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        b
+    }
+
+    fn write_raw(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn u8_round_trip_raw_and_gzip() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<u8> = (0..2 * 3 * 4).map(|i| (i * 11) as u8).collect();
+        for gzip in [false, true] {
+            let path = dir.path().join(format!("x-{gzip}"));
+            write_u8(&path, &[2, 3, 4], &values, gzip).unwrap();
+            let raw = std::fs::read(&path).unwrap();
+            assert_eq!(raw.starts_with(&[0x1f, 0x8b]), gzip);
+            let array = read(&path).unwrap();
+            assert_eq!(array.dtype, IdxType::U8);
+            assert_eq!(array.dims, vec![2, 3, 4]);
+            let expected: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            assert_eq!(array.values, expected);
+        }
+    }
+
+    #[test]
+    fn wider_types_are_big_endian() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = header(0x0B, &[2]);
+        bytes.extend_from_slice(&(-2i16).to_be_bytes());
+        bytes.extend_from_slice(&300i16.to_be_bytes());
+        assert_eq!(
+            read(&write_raw(dir.path(), "i16", &bytes)).unwrap().values,
+            [-2.0, 300.0]
+        );
+
+        let mut bytes = header(0x0D, &[1]);
+        bytes.extend_from_slice(&1.5f32.to_be_bytes());
+        assert_eq!(
+            read(&write_raw(dir.path(), "f32", &bytes)).unwrap().values,
+            [1.5]
+        );
+
+        let mut bytes = header(0x0E, &[1]);
+        bytes.extend_from_slice(&(-0.25f64).to_be_bytes());
+        assert_eq!(
+            read(&write_raw(dir.path(), "f64", &bytes)).unwrap().values,
+            [-0.25]
+        );
+
+        let mut bytes = header(0x09, &[1]);
+        bytes.push(0xFF);
+        assert_eq!(
+            read(&write_raw(dir.path(), "i8", &bytes)).unwrap().values,
+            [-1.0]
+        );
+
+        let mut bytes = header(0x0C, &[1]);
+        bytes.extend_from_slice(&70000i32.to_be_bytes());
+        assert_eq!(
+            read(&write_raw(dir.path(), "i32", &bytes)).unwrap().values,
+            [70000.0]
+        );
+    }
+
+    fn error_of(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "bad-file", bytes);
+        let message = read(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("bad-file"),
+            "error does not name the file: {message}"
+        );
+        message
+    }
+
+    #[test]
+    fn malformed_files_are_errors_naming_the_file() {
+        let mut good = header(0x08, &[2, 2]);
+        good.extend_from_slice(&[1, 2, 3, 4]);
+
+        assert!(error_of(&[]).contains("truncated"));
+        assert!(error_of(&good[..3]).contains("truncated"));
+        assert!(error_of(&good[..9]).contains("truncated"));
+        assert!(error_of(&good[..good.len() - 1]).contains("truncated"));
+        assert!(error_of(&[good.as_slice(), &[9]].concat()).contains("after"));
+        assert!(error_of(&[0x50, 0x4b, 3, 4, 0, 0]).contains("not an IDX"));
+        assert!(error_of(&header(0x07, &[1])).contains("element type"));
+        assert!(error_of(&header(0x08, &[])).contains("0 dimensions"));
+        assert!(error_of(&header(0x08, &[u32::MAX, u32::MAX, 4])).contains("implausible"));
+    }
+
+    #[test]
+    fn truncated_gzip_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.gz");
+        write_u8(&path, &[100, 10], &[7; 1000], true).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(read(&path).is_err());
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let message = read(Path::new("/no/such/idx-file"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("/no/such/idx-file") && message.contains("cannot open"));
+    }
+}

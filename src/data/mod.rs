@@ -1,0 +1,346 @@
+//! Data sets, the train/validation split, and the seeded batch order.
+
+pub mod idx;
+pub mod synthetic;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+
+use crate::config::{Config, DataKind, Normalize};
+use crate::error::UserError;
+use crate::rng::{self, Rng, Stream};
+
+/// Labelled samples held in host memory, one row of `features()` values each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub inputs: Vec<f32>,
+    pub labels: Vec<u32>,
+    /// The shape of one sample, e.g. `[28, 28]` for MNIST or `[32]` for synthetic data.
+    pub sample_shape: Vec<usize>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Values per sample.
+    pub fn features(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        let f = self.features();
+        &self.inputs[i * f..(i + 1) * f]
+    }
+
+    fn select(&self, indices: &[usize]) -> Dataset {
+        let mut inputs = Vec::with_capacity(indices.len() * self.features());
+        for &i in indices {
+            inputs.extend_from_slice(self.row(i));
+        }
+        Dataset {
+            inputs,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            sample_shape: self.sample_shape.clone(),
+        }
+    }
+
+    /// The samples at `indices` as an input matrix `[n, features]` and a label vector.
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut inputs = Vec::with_capacity(indices.len() * self.features());
+        for &i in indices {
+            inputs.extend_from_slice(self.row(i));
+        }
+        let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok((
+            Tensor::from_vec(inputs, (indices.len(), self.features()), device)?,
+            Tensor::from_vec(labels, indices.len(), device)?,
+        ))
+    }
+}
+
+/// The data of one run, split and normalised.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    pub train: Dataset,
+    /// Absent when `data.val_fraction = 0`.
+    pub val: Option<Dataset>,
+    /// Max label + 1 over all samples.
+    pub classes: usize,
+}
+
+/// Builds the run's data as its config describes.
+pub fn load(config: &Config) -> Result<Splits, UserError> {
+    let d = &config.data;
+    let (all, pixels) = match d.kind {
+        DataKind::Teacher => (synthetic::teacher(d, config.seed), false),
+        DataKind::Blobs => (synthetic::blobs(d, config.seed), false),
+        DataKind::Idx => {
+            let images = d.images.as_deref().expect("validated: idx has data.images");
+            let labels = d.labels.as_deref().expect("validated: idx has data.labels");
+            load_idx_pair(images, labels)?
+        }
+    };
+    let classes = all.labels.iter().max().map_or(0, |&m| m as usize + 1);
+    if classes < 2 {
+        return Err(UserError::key(
+            "data",
+            format!("the labels hold {classes} class(es); training needs at least 2"),
+        ));
+    }
+    let (mut train, mut val) = split(all, d.val_fraction, d.shuffle, config.seed)?;
+    normalize(d.normalize, pixels, &mut train, val.as_mut());
+    Ok(Splits {
+        train,
+        val,
+        classes,
+    })
+}
+
+/// Reads an image file and its label file; `true` when the images are u8 grey levels.
+pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), UserError> {
+    let image_array = idx::read(images)?;
+    let label_array = idx::read(labels)?;
+    let n = image_array.dims[0];
+    if label_array.dims.len() != 1 {
+        return Err(UserError::data(
+            labels,
+            format!(
+                "a label file holds one dimension, this one {:?}",
+                label_array.dims
+            ),
+        ));
+    }
+    if label_array.dims[0] != n {
+        return Err(UserError::data(
+            labels,
+            format!(
+                "holds {} labels but {} holds {n} images",
+                label_array.dims[0],
+                images.display()
+            ),
+        ));
+    }
+    let mut label_values = Vec::with_capacity(n);
+    for (i, &v) in label_array.values.iter().enumerate() {
+        if !((0.0..65536.0).contains(&v) && v.fract() == 0.0) {
+            return Err(UserError::data(
+                labels,
+                format!("label {i} is {v}; labels are class indices 0..65535"),
+            ));
+        }
+        label_values.push(v as u32);
+    }
+    let sample_shape = if image_array.dims.len() == 1 {
+        vec![1]
+    } else {
+        image_array.dims[1..].to_vec()
+    };
+    let pixels = image_array.dtype == idx::IdxType::U8;
+    let dataset = Dataset {
+        inputs: image_array.values,
+        labels: label_values,
+        sample_shape,
+    };
+    Ok((dataset, pixels))
+}
+
+/// Holds out the last `val_fraction` of the samples (after a seeded shuffle when `shuffle`).
+fn split(
+    all: Dataset,
+    val_fraction: f64,
+    shuffle: bool,
+    seed: u64,
+) -> Result<(Dataset, Option<Dataset>), UserError> {
+    let n = all.len();
+    let n_val = if val_fraction > 0.0 {
+        ((n as f64 * val_fraction).round() as usize).max(1)
+    } else {
+        0
+    };
+    if n_val >= n {
+        return Err(UserError::key(
+            "data.val_fraction",
+            format!("leaves no training samples out of {n}"),
+        ));
+    }
+    if n_val == 0 {
+        return Ok((all, None));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        order.shuffle(&mut rng::stream(seed, Stream::Split));
+    }
+    let (train_idx, val_idx) = order.split_at(n - n_val);
+    Ok((all.select(train_idx), Some(all.select(val_idx))))
+}
+
+fn normalize(how: Normalize, pixels: bool, train: &mut Dataset, val: Option<&mut Dataset>) {
+    let moments = (how == Normalize::Standard).then(|| feature_moments(train));
+    let splits =
+        std::iter::once(train.inputs.as_mut_slice()).chain(val.map(|v| v.inputs.as_mut_slice()));
+    match how {
+        Normalize::None => {}
+        Normalize::Unit => {
+            if pixels {
+                splits.flatten().for_each(|x| *x /= 255.0);
+            }
+        }
+        Normalize::Standard => {
+            let (mean, std) = moments.expect("computed above for Standard");
+            let f = mean.len();
+            for inputs in splits {
+                for (i, x) in inputs.iter_mut().enumerate() {
+                    *x = ((*x as f64 - mean[i % f]) / std[i % f]) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Per-feature mean and standard deviation (1 where a feature is constant).
+fn feature_moments(data: &Dataset) -> (Vec<f64>, Vec<f64>) {
+    let f = data.features();
+    let n = data.len() as f64;
+    let mut sum = vec![0f64; f];
+    let mut sum_sq = vec![0f64; f];
+    for row in data.inputs.chunks_exact(f) {
+        for (j, &x) in row.iter().enumerate() {
+            sum[j] += x as f64;
+            sum_sq[j] += x as f64 * x as f64;
+        }
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let std = sum_sq
+        .iter()
+        .zip(&mean)
+        .map(|(sq, m)| {
+            let var = (sq / n - m * m).max(0.0);
+            if var > 1e-12 { var.sqrt() } else { 1.0 }
+        })
+        .collect();
+    (mean, std)
+}
+
+/// The order in which training samples are visited: epoch after epoch, each
+/// a fresh seeded permutation when shuffling, dropping the last partial batch
+/// so that every step sees the same number of samples.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    order: Vec<usize>,
+    batch_size: usize,
+    position: usize,
+    shuffle: bool,
+    rng: Rng,
+}
+
+impl Batcher {
+    /// `batch_size` larger than the data set is clamped to it (full-batch).
+    pub fn new(len: usize, batch_size: usize, shuffle: bool, seed: u64) -> Self {
+        let mut batcher = Self {
+            order: (0..len).collect(),
+            batch_size: batch_size.min(len),
+            position: 0,
+            shuffle,
+            rng: rng::stream(seed, Stream::Shuffle),
+        };
+        batcher.start_epoch();
+        batcher
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn start_epoch(&mut self) {
+        if self.shuffle {
+            self.order.shuffle(&mut self.rng);
+        }
+        self.position = 0;
+    }
+
+    /// The sample indices of the next batch.
+    pub fn next_batch(&mut self) -> &[usize] {
+        if self.position + self.batch_size > self.order.len() {
+            self.start_epoch();
+        }
+        let start = self.position;
+        self.position += self.batch_size;
+        &self.order[start..self.position]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy(n: usize) -> Dataset {
+        Dataset {
+            inputs: (0..n * 2).map(|v| v as f32).collect(),
+            labels: (0..n as u32).map(|i| i % 3).collect(),
+            sample_shape: vec![2],
+        }
+    }
+
+    #[test]
+    fn split_without_shuffle_keeps_file_order() {
+        let (train, val) = split(toy(10), 0.2, false, 0).unwrap();
+        assert_eq!(train.labels, vec![0, 1, 2, 0, 1, 2, 0, 1]);
+        assert_eq!(val.unwrap().inputs, vec![16.0, 17.0, 18.0, 19.0]);
+    }
+
+    #[test]
+    fn split_with_shuffle_partitions_the_samples() {
+        let (train, val) = split(toy(10), 0.3, true, 5).unwrap();
+        let mut firsts: Vec<f32> = train
+            .inputs
+            .iter()
+            .chain(&val.unwrap().inputs)
+            .step_by(2)
+            .copied()
+            .collect();
+        firsts.sort_by(f32::total_cmp);
+        assert_eq!(firsts, (0..10).map(|i| (2 * i) as f32).collect::<Vec<_>>());
+        assert_eq!(train.len(), 7);
+    }
+
+    #[test]
+    fn batcher_visits_every_sample_once_per_epoch() {
+        let mut batcher = Batcher::new(10, 5, true, 1);
+        let mut seen: Vec<usize> = (0..2).flat_map(|_| batcher.next_batch().to_vec()).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn batcher_drops_the_partial_batch_and_clamps() {
+        let mut batcher = Batcher::new(10, 4, false, 0);
+        assert_eq!(batcher.next_batch(), &[0, 1, 2, 3]);
+        assert_eq!(batcher.next_batch(), &[4, 5, 6, 7]);
+        assert_eq!(batcher.next_batch(), &[0, 1, 2, 3]);
+        assert_eq!(Batcher::new(3, 100, false, 0).batch_size(), 3);
+    }
+
+    #[test]
+    fn standard_normalisation_uses_the_training_split() {
+        let mut train = toy(4);
+        let mut val = toy(2);
+        normalize(Normalize::Standard, false, &mut train, Some(&mut val));
+        let (mean, std) = feature_moments(&train);
+        assert!(mean.iter().all(|m| m.abs() < 1e-6), "{mean:?}");
+        assert!(std.iter().all(|s| (s - 1.0).abs() < 1e-6), "{std:?}");
+        // Validation is scaled with the training moments: first value (0 − 3)/√5.
+        assert!((val.inputs[0] as f64 + 3.0 / 5f64.sqrt()).abs() < 1e-6);
+    }
+}

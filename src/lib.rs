@@ -1,0 +1,19 @@
+//! larslab: a research harness for training stability.
+//!
+//! See DESIGN.md for the contract (commands, config keys, run directory,
+//! names) and the module map.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod run_dir;
+pub mod sinks;
+pub mod train;
