@@ -16,3 +16,9 @@ tb logdir="runs":
 check:
     cargo fmt --check
     cargo clippy --release --all-targets -- -D warnings
+
+# LARS against momentum SGD at batch 4096 on MNIST t10k (experiments/lars-large-batch.toml)
+lars-vs-sgd:
+    cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-lars
+    cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-sgd --set optimizer.kind=sgd
+    cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-sgd-unscaled --set optimizer.kind=sgd --set optimizer.lr=0.1

@@ -19,6 +19,32 @@ pub struct Cli {
 pub enum Command {
     /// Train one run; without --config, the built-in default experiment.
     Train(TrainArgs),
+    /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// One case (mlp-1024-b128, mlp-1024-b1024, mlp-256-b128, deep30-b128); default: all.
+    #[arg(long)]
+    pub case: Option<String>,
+    /// Timed steps per repeat.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
+    /// Timed repeats; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: u64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
 /// The options every command that builds a run from a config shares.

@@ -1,7 +1,9 @@
 //! What each subcommand does, between parsed arguments and the library.
 
-use crate::cli::{RunArgs, TrainArgs};
+use crate::bench;
+use crate::cli::{BenchArgs, Format, RunArgs, TrainArgs};
 use crate::config::Config;
+use crate::config::OptimizerKind;
 use crate::run_dir::RunDir;
 use crate::train::Trainer;
 
@@ -33,5 +35,33 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         summary.wall_seconds,
         summary.samples_per_second,
     );
+    Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let cases = bench::select(args.case.as_deref())?;
+    let plan = bench::Plan {
+        warmup_steps: args.warmup as usize,
+        steps_per_repeat: args.steps as usize,
+        repeats: args.repeats as usize,
+        measure_every: 20,
+    };
+    let configurations = [
+        (OptimizerKind::Sgd, false),
+        (OptimizerKind::Sgd, true),
+        (OptimizerKind::Lars, false),
+        (OptimizerKind::Lars, true),
+    ];
+    let mut results = Vec::new();
+    for case in &cases {
+        if args.format == Format::Table {
+            eprintln!("timing {} ...", case.name);
+        }
+        results.extend(bench::run(case, &configurations, &plan)?);
+    }
+    match args.format {
+        Format::Table => print!("{}", bench::table(&results)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+    }
     Ok(())
 }

@@ -162,8 +162,33 @@ pub struct OptimizerConfig {
     pub momentum: f64,
     /// Nesterov's variant of momentum.
     pub nesterov: bool,
-    /// L2 weight decay added to the gradient, ≥ 0.
+    /// Weight decay β, ≥ 0: added to the gradient (sgd, lars, lamb) or decoupled (adamw).
     pub weight_decay: f64,
+    /// LARS η: the trust ratio is η‖w‖ / (denominator); > 0.
+    pub trust_coefficient: f64,
+    /// LARS: the constant added to the trust ratio's denominator, ≥ 0.
+    pub eps: f64,
+    /// LARS: which gradient norm the trust ratio divides by.
+    pub denominator: Denominator,
+    /// LARC clip mode (lars only): the layer's step size is min(lr, λ) instead of lr·λ.
+    pub clip: bool,
+    /// lars, lamb, adamw: 1-D parameters (biases) get neither weight decay nor a trust ratio.
+    pub exclude_1d: bool,
+    /// lamb, adamw: decay of Adam's first moment, 0 ≤ β1 < 1.
+    pub beta1: f64,
+    /// lamb, adamw: decay of Adam's second moment, 0 ≤ β2 < 1.
+    pub beta2: f64,
+    /// lamb, adamw: the constant added to Adam's √v̂, > 0.
+    pub adam_eps: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Denominator {
+    /// η‖w‖ / (‖g‖ + β‖w‖ + eps): You, Gitman and Ginsburg 2017, Algorithm 1.
+    Paper,
+    /// η‖w‖ / (‖g + βw‖ + eps): optax.lars, SimCLR, Barlow Twins.
+    Decayed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +196,12 @@ pub struct OptimizerConfig {
 pub enum OptimizerKind {
     /// Stochastic gradient descent with optional momentum, Nesterov and weight decay (PyTorch's and optax's semantics).
     Sgd,
+    /// Layer-wise adaptive rate scaling (You, Gitman and Ginsburg 2017), LARC with `clip`.
+    Lars,
+    /// LAMB (You et al. 2019), as optax.lamb.
+    Lamb,
+    /// Adam with decoupled weight decay (Loshchilov and Hutter 2019), as optax.adamw.
+    Adamw,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +296,14 @@ impl Default for OptimizerConfig {
             momentum: 0.9,
             nesterov: false,
             weight_decay: 0.0,
+            trust_coefficient: 0.001,
+            eps: 0.0,
+            denominator: Denominator::Paper,
+            clip: false,
+            exclude_1d: true,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
         }
     }
 }
@@ -418,6 +457,28 @@ impl Config {
             "optimizer.weight_decay",
             "must be ≥ 0",
         )?;
+        check_positive(o.trust_coefficient, "optimizer.trust_coefficient")?;
+        check(
+            o.eps.is_finite() && o.eps >= 0.0,
+            "optimizer.eps",
+            "must be ≥ 0",
+        )?;
+        check(
+            !o.clip || o.kind == OptimizerKind::Lars,
+            "optimizer.clip",
+            "LARC clipping applies to optimizer.kind = \"lars\" only",
+        )?;
+        check(
+            (0.0..1.0).contains(&o.beta1),
+            "optimizer.beta1",
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&o.beta2),
+            "optimizer.beta2",
+            "must be in [0, 1)",
+        )?;
+        check_positive(o.adam_eps, "optimizer.adam_eps")?;
         check(
             s.power.is_finite() && s.power > 0.0,
             "schedule.power",
@@ -623,6 +684,15 @@ mod tests {
             ("optimizer.momentum=1", "optimizer.momentum"),
             ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
             ("optimizer.kind=rmsprop", "optimizer.kind"),
+            (
+                "optimizer.trust_coefficient=0",
+                "optimizer.trust_coefficient",
+            ),
+            ("optimizer.eps=-1e-9", "optimizer.eps"),
+            ("optimizer.denominator=optax", "optimizer.denominator"),
+            ("optimizer.clip=true", "optimizer.clip"),
+            ("optimizer.beta2=1", "optimizer.beta2"),
+            ("optimizer.adam_eps=0", "optimizer.adam_eps"),
             ("data.batch_size=0", "data.batch_size"),
             ("data.batch_size=-3", "data.batch_size"),
             ("data.val_fraction=1", "data.val_fraction"),

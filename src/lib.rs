@@ -3,12 +3,14 @@
 //! See DESIGN.md for the contract (commands, config keys, run directory,
 //! names) and the module map.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod diagnostics;
 pub mod error;
 pub mod fsutil;
 pub mod model;

@@ -7,6 +7,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(args) => commands::train(args),
+        Command::Bench(args) => commands::bench(args),
     };
     if let Err(err) = result {
         // One line: anyhow's alternate form joins the context chain with ": ".

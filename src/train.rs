@@ -16,10 +16,11 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{self, Batcher, Dataset};
 use crate::device;
+use crate::diagnostics::BeforeStep;
 use crate::model::Mlp;
 use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
-use crate::rng::{self, Stream};
+use crate::rng::{self, Rng, Stream};
 use crate::run_dir::{self, RunDir};
 use crate::sinks::console::Console;
 use crate::sinks::jsonl::JsonlSink;
@@ -135,51 +136,27 @@ impl Trainer {
             }
             let lr = schedule.lr(step);
             let (x, y) = data.train.batch(batcher.next_batch(), &device)?;
-            let logits = model.forward(&x, Some(&mut dropout_rng))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            final_train_loss = Some(loss_value);
             let logging = step % t.log_every == 0 || step + 1 == t.steps;
-            if logging || !loss_value.is_finite() {
-                record.push("loss/train", loss_value);
-                record.push("accuracy/train", accuracy(&logits, &y)?);
-                record.push("lr", lr);
-            }
-            if !loss_value.is_finite() {
+            let loss = train_step(
+                &model,
+                &mut optimizer,
+                (&x, &y),
+                lr,
+                &mut dropout_rng,
+                &mut record,
+                logging,
+            )?;
+            final_train_loss = Some(loss);
+            if !loss.is_finite() {
                 diverged_at_step = Some(step);
                 record.push("diverged", 1.0);
                 metrics.write(&record)?;
                 console.note(&format!(
-                    "step {step}: the training loss is {loss_value}; the run diverged"
+                    "step {step}: the training loss is {loss}; the run diverged"
                 ));
                 break;
             }
-            let grads = loss.backward()?;
-            let before = logging
-                .then(|| norms(model.params().iter().map(|p| p.tensor())))
-                .transpose()?;
-            let grad_norms = logging
-                .then(|| {
-                    norms(model.params().iter().map(|p| {
-                        grads
-                            .get(p.tensor())
-                            .expect("every parameter has a gradient")
-                    }))
-                })
-                .transpose()?;
-            let steps_taken = optimizer.step(model.params(), &grads, lr)?;
             steps_done = step + 1;
-            if let (Some(weight_norms), Some(grad_norms)) = (before, grad_norms) {
-                let step_norms = norms(steps_taken.iter())?;
-                for (i, param) in model.params().iter().enumerate() {
-                    record.push(format!("grad_norm/{}", param.name), grad_norms[i]);
-                    record.push(format!("weight_norm/{}", param.name), weight_norms[i]);
-                    record.push(
-                        format!("update_ratio/{}", param.name),
-                        step_norms[i] / weight_norms[i],
-                    );
-                }
-            }
             if !record.is_empty() {
                 metrics.write(&record)?;
             }
@@ -230,20 +207,44 @@ impl Trainer {
     }
 }
 
-fn samples_per_second(steps: u64, batch_size: usize, since: &Instant) -> f64 {
-    steps as f64 * batch_size as f64 / since.elapsed().as_secs_f64().max(1e-9)
+/// One update of `model` on the batch `(x, y)`: forward (dropout masks from
+/// `dropout_rng`), mean cross-entropy, backward, optimizer step. With
+/// `measure`, the step's training metrics and per-parameter measurements go
+/// into `record` (also the loss when it is not finite). Returns the batch
+/// loss; when it is not finite the parameters are left untouched.
+pub fn train_step(
+    model: &Mlp,
+    optimizer: &mut Optimizer,
+    (x, y): (&Tensor, &Tensor),
+    lr: f64,
+    dropout_rng: &mut Rng,
+    record: &mut Record,
+    measure: bool,
+) -> anyhow::Result<f64> {
+    let logits = model.forward(x, Some(dropout_rng))?;
+    let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    if measure || !loss_value.is_finite() {
+        record.push("loss/train", loss_value);
+        record.push("accuracy/train", accuracy(&logits, y)?);
+        record.push("lr", lr);
+    }
+    if !loss_value.is_finite() {
+        return Ok(loss_value);
+    }
+    let grads = loss.backward()?;
+    let before = measure
+        .then(|| BeforeStep::measure(model.params(), &grads))
+        .transpose()?;
+    let steps = optimizer.step(model.params(), &grads, lr)?;
+    if let Some(before) = before {
+        before.complete(&steps, lr, record)?;
+    }
+    Ok(loss_value)
 }
 
-/// The Frobenius norms of several tensors, computed on their device and fetched at once.
-fn norms<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> candle_core::Result<Vec<f64>> {
-    let norms = tensors
-        .map(|t| t.sqr()?.sum_all()?.sqrt())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&norms, 0)?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f64::from)
-        .collect())
+fn samples_per_second(steps: u64, batch_size: usize, since: &Instant) -> f64 {
+    steps as f64 * batch_size as f64 / since.elapsed().as_secs_f64().max(1e-9)
 }
 
 fn accuracy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {

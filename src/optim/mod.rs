@@ -11,9 +11,12 @@ pub mod transforms;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
-use crate::config::{OptimizerConfig, OptimizerKind};
+use crate::config::{Denominator, OptimizerConfig, OptimizerKind};
 use crate::model::Param;
-use transforms::{AddDecayedWeights, ScaleByLearningRate, Trace};
+use transforms::{
+    AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
+    TrustDenominator,
+};
 
 /// What a link may know about the parameter it is transforming.
 pub struct ParamView<'a> {
@@ -23,19 +26,43 @@ pub struct ParamView<'a> {
     pub value: &'a Tensor,
     /// The raw gradient of this step.
     pub grad: &'a Tensor,
+    /// The step's scheduled global learning rate.
+    pub lr: f64,
 }
 
 impl ParamView<'_> {
-    /// Biases (and later norm scales) are 1-D.
+    /// Biases (and norm scales) are 1-D.
     pub fn is_1d(&self) -> bool {
         self.value.rank() <= 1
     }
 }
 
+/// What the links report about one parameter's step, as 0-d tensors left on
+/// the device (the trainer fetches them, with everything else, at log steps).
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    /// The layer's trust ratio λ (1 where excluded or guarded).
+    pub trust_ratio: Option<Tensor>,
+    /// The step size the layer really got, when it differs from the global rate.
+    pub lr_eff: Option<Tensor>,
+}
+
+/// One parameter's step: what was subtracted, and what the links reported.
+#[derive(Debug, Clone)]
+pub struct ParamStep {
+    pub step: Tensor,
+    pub report: StepReport,
+}
+
 /// One link of an optimizer chain.
 pub trait Transform: Send {
-    /// Transforms `update` for one parameter at a step whose scheduled global rate is `lr`.
-    fn apply(&mut self, param: &ParamView, update: Tensor, lr: f64) -> Result<Tensor>;
+    /// Transforms `update` for one parameter; may add to `report`.
+    fn apply(
+        &mut self,
+        param: &ParamView,
+        update: Tensor,
+        report: &mut StepReport,
+    ) -> Result<Tensor>;
 }
 
 /// An optimizer: a chain of transforms whose output is subtracted from each parameter.
@@ -44,13 +71,52 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// The chain of each optimizer kind.
-    pub fn new(config: &OptimizerConfig) -> Self {
-        let chain: Vec<Box<dyn Transform>> = match config.kind {
+    /// The chain of each optimizer kind: where variants differ, so do their chains.
+    pub fn new(c: &OptimizerConfig) -> Self {
+        let decay = AddDecayedWeights::new(c.weight_decay, c.exclude_1d);
+        let chain: Vec<Box<dyn Transform>> = match c.kind {
             // PyTorch's SGD and optax.sgd: the rate scales the momentum buffer's output.
+            // Weight decay reaches every parameter, as in torch.optim.SGD.
             OptimizerKind::Sgd => vec![
-                Box::new(AddDecayedWeights::new(config.weight_decay)),
-                Box::new(Trace::new(config.momentum, config.nesterov)),
+                Box::new(AddDecayedWeights::new(c.weight_decay, false)),
+                Box::new(Trace::new(c.momentum, c.nesterov)),
+                Box::new(ScaleByLearningRate),
+            ],
+            // LARS, Algorithm 1 and optax.lars: the local rate lr·λ enters the momentum buffer.
+            OptimizerKind::Lars => vec![
+                Box::new(decay),
+                Box::new(ScaleByTrustRatio {
+                    coefficient: c.trust_coefficient,
+                    eps: c.eps,
+                    denominator: match c.denominator {
+                        Denominator::Paper => TrustDenominator::GradPlusDecay(c.weight_decay),
+                        Denominator::Decayed => TrustDenominator::Update,
+                    },
+                    local_rate: if c.clip {
+                        LocalRate::Clip
+                    } else {
+                        LocalRate::Product
+                    },
+                    exclude_1d: c.exclude_1d,
+                }),
+                Box::new(Trace::new(c.momentum, c.nesterov)),
+            ],
+            // optax.lamb: Adam's direction, decayed, scaled by ‖w‖/‖update‖ and the rate.
+            OptimizerKind::Lamb => vec![
+                Box::new(ScaleByAdam::new(c.beta1, c.beta2, c.adam_eps)),
+                Box::new(decay),
+                Box::new(ScaleByTrustRatio {
+                    coefficient: 1.0,
+                    eps: 0.0,
+                    denominator: TrustDenominator::Update,
+                    local_rate: LocalRate::Product,
+                    exclude_1d: c.exclude_1d,
+                }),
+            ],
+            // optax.adamw: weight decay decoupled from Adam's normalisation.
+            OptimizerKind::Adamw => vec![
+                Box::new(ScaleByAdam::new(c.beta1, c.beta2, c.adam_eps)),
+                Box::new(decay),
                 Box::new(ScaleByLearningRate),
             ],
         };
@@ -58,13 +124,13 @@ impl Optimizer {
     }
 
     /// Updates every parameter in place from this step's gradients and returns
-    /// the steps taken (parameter before minus after), for measurements.
+    /// the steps taken (parameter before minus after) with the links' reports.
     pub fn step(
         &mut self,
         params: &[Param],
         grads: &GradStore,
         lr: f64,
-    ) -> anyhow::Result<Vec<Tensor>> {
+    ) -> anyhow::Result<Vec<ParamStep>> {
         params
             .iter()
             .enumerate()
@@ -78,20 +144,18 @@ impl Optimizer {
                     index,
                     value: &value,
                     grad: &grad,
+                    lr,
                 };
-                let step = self.apply_chain(&view, lr)?;
+                let mut report = StepReport::default();
+                let step = self
+                    .chain
+                    .iter_mut()
+                    .try_fold(grad.clone(), |update, link| {
+                        link.apply(&view, update, &mut report)
+                    })?;
                 param.var.set(&(&value - &step)?)?;
-                Ok(step)
+                Ok(ParamStep { step, report })
             })
             .collect()
-    }
-
-    /// The step the chain makes for one parameter (exposed for reference tests).
-    pub fn apply_chain(&mut self, param: &ParamView, lr: f64) -> Result<Tensor> {
-        self.chain
-            .iter_mut()
-            .try_fold(param.grad.clone(), |update, link| {
-                link.apply(param, update, lr)
-            })
     }
 }

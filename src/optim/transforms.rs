@@ -1,26 +1,105 @@
 //! The links optimizers are made of. Each does one thing to one parameter's update.
+//!
+//! Per-parameter quantities (norms, trust ratios) stay 0-d tensors on the
+//! device: a step never waits for a transfer to the host.
 
 use candle_core::{Result, Tensor};
 
-use super::{ParamView, Transform};
+use super::{ParamView, StepReport, Transform};
 
-/// Adds `rate · w` to the update: L2 weight decay (coupled, as in SGD and LARS).
+/// The Frobenius norm, as a 0-d tensor.
+pub fn l2_norm(t: &Tensor) -> Result<Tensor> {
+    t.sqr()?.sum_all()?.sqrt()
+}
+
+/// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
+/// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
 pub struct AddDecayedWeights {
     rate: f64,
+    /// Leave 1-D parameters (biases) undecayed.
+    exclude_1d: bool,
 }
 
 impl AddDecayedWeights {
-    pub fn new(rate: f64) -> Self {
-        Self { rate }
+    pub fn new(rate: f64, exclude_1d: bool) -> Self {
+        Self { rate, exclude_1d }
     }
 }
 
 impl Transform for AddDecayedWeights {
-    fn apply(&mut self, param: &ParamView, update: Tensor, _lr: f64) -> Result<Tensor> {
-        if self.rate == 0.0 {
+    fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
+        if self.rate == 0.0 || (self.exclude_1d && param.is_1d()) {
             return Ok(update);
         }
         update + (param.value * self.rate)?
+    }
+}
+
+/// Which gradient norm the trust ratio divides by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TrustDenominator {
+    /// ‖g‖ + β‖w‖ of the raw gradient (the LARS paper's Algorithm 1).
+    GradPlusDecay(f64),
+    /// ‖u‖ of the incoming update, e.g. u = g + βw (optax.lars, SimCLR; LAMB).
+    Update,
+}
+
+/// How the trust ratio λ and the global rate combine into the layer's step size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LocalRate {
+    /// lr · λ (LARS).
+    Product,
+    /// min(lr, λ) (NVIDIA's LARC in clip mode).
+    Clip,
+}
+
+/// Scales the update by the layer's local rate, built from the trust ratio
+/// λ = coefficient · ‖w‖ / (denominator + eps).
+///
+/// Guard: λ = 1 where ‖w‖ = 0 or the denominator's gradient norm is 0 (a
+/// freshly zeroed layer, a layer the loss does not reach), as optax,
+/// torchlars and TensorFlow do. All norms are of the step's inputs, before
+/// this link changes anything. Excluded 1-D parameters get λ = 1 and the
+/// plain global rate.
+pub struct ScaleByTrustRatio {
+    pub coefficient: f64,
+    pub eps: f64,
+    pub denominator: TrustDenominator,
+    pub local_rate: LocalRate,
+    pub exclude_1d: bool,
+}
+
+impl Transform for ScaleByTrustRatio {
+    fn apply(
+        &mut self,
+        param: &ParamView,
+        update: Tensor,
+        report: &mut StepReport,
+    ) -> Result<Tensor> {
+        if self.exclude_1d && param.is_1d() {
+            report.trust_ratio = Some(Tensor::new(1f32, update.device())?);
+            return update * param.lr;
+        }
+        let w_norm = l2_norm(param.value)?;
+        let grad_norm = match self.denominator {
+            TrustDenominator::GradPlusDecay(_) => l2_norm(param.grad)?,
+            TrustDenominator::Update => l2_norm(&update)?,
+        };
+        let denominator = match self.denominator {
+            TrustDenominator::GradPlusDecay(decay) => (&grad_norm + (&w_norm * decay)?)?,
+            TrustDenominator::Update => grad_norm.clone(),
+        };
+        let ratio = ((&w_norm * self.coefficient)? / (denominator + self.eps)?)?;
+        let both_nonzero = w_norm.minimum(&grad_norm)?.gt(0f32)?;
+        let trust_ratio = both_nonzero.where_cond(&ratio, &ratio.ones_like()?)?;
+        let rate = match self.local_rate {
+            LocalRate::Product => (&trust_ratio * param.lr)?,
+            LocalRate::Clip => trust_ratio.minimum(param.lr as f32)?,
+        };
+        let scaled = update.broadcast_mul(&rate)?;
+        report.trust_ratio = Some(trust_ratio);
+        report.lr_eff = Some(rate);
+        Ok(scaled)
     }
 }
 
@@ -43,14 +122,12 @@ impl Trace {
 }
 
 impl Transform for Trace {
-    fn apply(&mut self, param: &ParamView, update: Tensor, _lr: f64) -> Result<Tensor> {
+    fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         if self.decay == 0.0 {
             return Ok(update);
         }
-        if self.buffers.len() <= param.index {
-            self.buffers.resize(param.index + 1, None);
-        }
-        let trace = match &self.buffers[param.index] {
+        let buffer = slot(&mut self.buffers, param.index);
+        let trace = match buffer.take() {
             Some(previous) => ((previous * self.decay)? + &update)?,
             None => update.clone(),
         };
@@ -59,8 +136,47 @@ impl Transform for Trace {
         } else {
             trace.clone()
         };
-        self.buffers[param.index] = Some(trace);
+        *buffer = Some(trace);
         Ok(out)
+    }
+}
+
+/// Adam's direction with bias correction: m̂ / (√v̂ + eps) (optax.scale_by_adam).
+pub struct ScaleByAdam {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// Per parameter: first moment, second moment, updates so far.
+    moments: Vec<Option<(Tensor, Tensor, i32)>>,
+}
+
+impl ScaleByAdam {
+    pub fn new(beta1: f64, beta2: f64, eps: f64) -> Self {
+        Self {
+            beta1,
+            beta2,
+            eps,
+            moments: Vec::new(),
+        }
+    }
+}
+
+impl Transform for ScaleByAdam {
+    fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let state = slot(&mut self.moments, param.index);
+        let (mu, nu, count) = match state.take() {
+            Some((mu, nu, count)) => (mu, nu, count),
+            None => (update.zeros_like()?, update.zeros_like()?, 0),
+        };
+        let mu = ((mu * b1)? + (&update * (1.0 - b1))?)?;
+        let nu = ((nu * b2)? + (update.sqr()? * (1.0 - b2))?)?;
+        let count = count + 1;
+        let mu_hat = (&mu / (1.0 - b1.powi(count)))?;
+        let nu_hat = (&nu / (1.0 - b2.powi(count)))?;
+        let direction = (mu_hat / (nu_hat.sqrt()? + self.eps)?)?;
+        *state = Some((mu, nu, count));
+        Ok(direction)
     }
 }
 
@@ -68,7 +184,15 @@ impl Transform for Trace {
 pub struct ScaleByLearningRate;
 
 impl Transform for ScaleByLearningRate {
-    fn apply(&mut self, _param: &ParamView, update: Tensor, lr: f64) -> Result<Tensor> {
-        update * lr
+    fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
+        update * param.lr
     }
+}
+
+/// The state slot of parameter `index`, growing the list on first use.
+fn slot<T>(states: &mut Vec<Option<T>>, index: usize) -> &mut Option<T> {
+    if states.len() <= index {
+        states.resize_with(index + 1, || None);
+    }
+    &mut states[index]
 }

@@ -1,0 +1,263 @@
+//! `larslab bench`: training-step throughput of fixed cases.
+//!
+//! Each case times the same `train_step` the trainer runs, on one fixed
+//! random batch (so the data pipeline is not measured): a warm-up, then the
+//! median over several repeats of a block of steps. Achieved GFLOP/s counts
+//! 6 × parameters × batch per step (forward 2, backward 4 multiply-adds per
+//! weight and sample), the usual estimate for dense layers.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::Rng as _;
+use serde::Serialize;
+
+use crate::config::{ModelConfig, OptimizerConfig, OptimizerKind};
+use crate::error::UserError;
+use crate::model::Mlp;
+use crate::optim::Optimizer;
+use crate::rng::{self, Stream};
+use crate::sinks::Record;
+use crate::train::train_step;
+
+/// A benchmark case: an MLP shape and a batch size.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub name: &'static str,
+    pub inputs: usize,
+    pub hidden: &'static [usize],
+    pub classes: usize,
+    pub batch: usize,
+}
+
+const DEEP30: [usize; 30] = [256; 30];
+
+/// The contract's cases (DESIGN.md).
+pub const CASES: &[Case] = &[
+    Case {
+        name: "mlp-1024-b128",
+        inputs: 784,
+        hidden: &[1024, 1024],
+        classes: 10,
+        batch: 128,
+    },
+    Case {
+        name: "mlp-1024-b1024",
+        inputs: 784,
+        hidden: &[1024, 1024],
+        classes: 10,
+        batch: 1024,
+    },
+    Case {
+        name: "mlp-256-b128",
+        inputs: 784,
+        hidden: &[256, 256],
+        classes: 10,
+        batch: 128,
+    },
+    Case {
+        name: "deep30-b128",
+        inputs: 784,
+        hidden: &DEEP30,
+        classes: 10,
+        batch: 128,
+    },
+];
+
+/// How long to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub warmup_steps: usize,
+    pub steps_per_repeat: usize,
+    pub repeats: usize,
+    /// With measurements on, per-layer measurements every this many steps (the default `train.log_every`).
+    pub measure_every: usize,
+}
+
+/// One measured configuration: a line of the table, an object of the JSON list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Result {
+    pub case: String,
+    pub optimizer: String,
+    pub measurements: bool,
+    pub batch: usize,
+    pub parameters: usize,
+    pub steps_per_sec: f64,
+    pub ms_per_step: f64,
+    pub gflops: f64,
+    pub repeats: usize,
+    pub steps_per_repeat: usize,
+    pub threads: usize,
+}
+
+/// Selects cases by name; `None` is all of them.
+pub fn select(name: Option<&str>) -> std::result::Result<Vec<Case>, UserError> {
+    match name {
+        None => Ok(CASES.to_vec()),
+        Some(name) => CASES
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| vec![*c])
+            .ok_or_else(|| {
+                let names: Vec<_> = CASES.iter().map(|c| c.name).collect();
+                UserError::Usage(format!(
+                    "--case `{name}`: no such case (cases: {})",
+                    names.join(", ")
+                ))
+            }),
+    }
+}
+
+/// One configuration under test: its own model, optimizer and batch.
+struct Setup {
+    kind: OptimizerKind,
+    measurements: bool,
+    model: Mlp,
+    optimizer: Optimizer,
+    x: Tensor,
+    y: Tensor,
+    dropout_rng: crate::rng::Rng,
+    steps_done: usize,
+    rates: Vec<f64>,
+}
+
+impl Setup {
+    fn new(case: &Case, kind: OptimizerKind, measurements: bool) -> anyhow::Result<Self> {
+        let device = Device::Cpu;
+        let model_config = ModelConfig {
+            hidden: case.hidden.to_vec(),
+            ..ModelConfig::default()
+        };
+        let widths = Mlp::widths(case.inputs, &model_config, case.classes);
+        let mut data_rng = rng::stream(0, Stream::Data);
+        let x: Vec<f32> = (0..case.batch * case.inputs)
+            .map(|_| data_rng.random::<f32>())
+            .collect();
+        let y: Vec<u32> = (0..case.batch)
+            .map(|_| data_rng.random_range(0..case.classes as u32))
+            .collect();
+        Ok(Self {
+            kind,
+            measurements,
+            model: Mlp::new(&widths, &model_config, 0, &device)?,
+            optimizer: Optimizer::new(&OptimizerConfig {
+                kind,
+                lr: 0.01,
+                ..OptimizerConfig::default()
+            }),
+            x: Tensor::from_vec(x, (case.batch, case.inputs), &device)?,
+            y: Tensor::from_vec(y, case.batch, &device)?,
+            dropout_rng: rng::stream(0, Stream::Dropout),
+            steps_done: 0,
+            rates: Vec::new(),
+        })
+    }
+
+    fn steps(&mut self, n: usize, measure_every: usize) -> anyhow::Result<()> {
+        for _ in 0..n {
+            let measure = self.measurements && self.steps_done.is_multiple_of(measure_every);
+            let mut record = Record::new(self.steps_done as u64);
+            let batch = (&self.x, &self.y);
+            train_step(
+                &self.model,
+                &mut self.optimizer,
+                batch,
+                0.01,
+                &mut self.dropout_rng,
+                &mut record,
+                measure,
+            )?;
+            self.steps_done += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Times one case in every configuration. The configurations take turns,
+/// one block of steps each per repeat, so that drift in the machine's speed
+/// (other load, frequency scaling) reaches all of them alike.
+pub fn run(
+    case: &Case,
+    configurations: &[(OptimizerKind, bool)],
+    plan: &Plan,
+) -> anyhow::Result<Vec<Result>> {
+    let mut setups = configurations
+        .iter()
+        .map(|&(kind, measurements)| Setup::new(case, kind, measurements))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for setup in &mut setups {
+        setup.steps(plan.warmup_steps, plan.measure_every)?;
+    }
+    for _ in 0..plan.repeats {
+        for setup in &mut setups {
+            let start = Instant::now();
+            setup.steps(plan.steps_per_repeat, plan.measure_every)?;
+            setup
+                .rates
+                .push(plan.steps_per_repeat as f64 / start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(setups
+        .into_iter()
+        .map(|mut setup| {
+            let steps_per_sec = median(&mut setup.rates);
+            let parameters: usize = setup
+                .model
+                .params()
+                .iter()
+                .map(|p| p.tensor().elem_count())
+                .sum();
+            Result {
+                case: case.name.into(),
+                optimizer: format!("{:?}", setup.kind).to_lowercase(),
+                measurements: setup.measurements,
+                batch: case.batch,
+                parameters,
+                steps_per_sec,
+                ms_per_step: 1000.0 / steps_per_sec,
+                gflops: 6.0 * parameters as f64 * case.batch as f64 * steps_per_sec / 1e9,
+                repeats: plan.repeats,
+                steps_per_repeat: plan.steps_per_repeat,
+                threads: candle_core::utils::get_num_threads(),
+            }
+        })
+        .collect())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The results as an aligned table, with each configuration's cost relative
+/// to plain SGD without measurements on the same case.
+pub fn table(results: &[Result]) -> String {
+    let mut out = format!(
+        "{:<16} {:<9} {:<12} {:>10} {:>9} {:>8} {:>9}\n",
+        "case", "optimizer", "measurements", "steps/s", "ms/step", "GFLOP/s", "vs sgd"
+    );
+    for r in results {
+        let baseline = results
+            .iter()
+            .find(|b| b.case == r.case && b.optimizer == "sgd" && !b.measurements)
+            .map_or(String::from("-"), |b| {
+                format!("{:+.1}%", 100.0 * (r.ms_per_step / b.ms_per_step - 1.0))
+            });
+        out.push_str(&format!(
+            "{:<16} {:<9} {:<12} {:>10.2} {:>9.2} {:>8.1} {:>9}\n",
+            r.case,
+            r.optimizer,
+            if r.measurements { "on" } else { "off" },
+            r.steps_per_sec,
+            r.ms_per_step,
+            r.gflops,
+            baseline
+        ));
+    }
+    out
+}
