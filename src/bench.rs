@@ -18,7 +18,7 @@ use crate::model::Mlp;
 use crate::optim::Optimizer;
 use crate::rng::{self, Stream};
 use crate::sinks::Record;
-use crate::train::train_step;
+use crate::train::{Probe, train_step};
 
 /// A benchmark case: an MLP shape and a batch size.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +155,10 @@ impl Setup {
 
     fn steps(&mut self, n: usize, measure_every: usize) -> anyhow::Result<()> {
         for _ in 0..n {
-            let measure = self.measurements && self.steps_done.is_multiple_of(measure_every);
+            let probe = Probe {
+                measure: self.measurements && self.steps_done.is_multiple_of(measure_every),
+                histograms: false,
+            };
             let mut record = Record::new(self.steps_done as u64);
             let batch = (&self.x, &self.y);
             train_step(
@@ -165,7 +168,7 @@ impl Setup {
                 0.01,
                 &mut self.dropout_rng,
                 &mut record,
-                measure,
+                probe,
             )?;
             self.steps_done += 1;
         }

@@ -26,6 +26,7 @@ pub struct Config {
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +241,26 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Write TensorBoard event files into the run directory.
+    pub tensorboard: bool,
+    /// TensorBoard histograms of every parameter and its gradient every this
+    /// many steps; 0 is off. Default: ten times per run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub histogram_every: Option<u64>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            tensorboard: true,
+            histogram_every: None,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -251,6 +272,7 @@ impl Default for Config {
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
             train: TrainConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -377,6 +399,7 @@ impl Config {
         let mut config = from_table(table)?;
         config.validate()?;
         config.resolve_paths()?;
+        config.resolve_defaults();
         Ok(config)
     }
 
@@ -498,6 +521,33 @@ impl Config {
         check(t.log_every >= 1, "train.log_every", "must be at least 1")?;
         check(t.eval_every >= 1, "train.eval_every", "must be at least 1")?;
         Ok(())
+    }
+
+    /// Every leaf of the config as a dotted key and its value, in file order.
+    pub fn flatten(&self) -> Vec<(String, toml::Value)> {
+        fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+            for (key, value) in table {
+                let key = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    toml::Value::Table(inner) => walk(&key, inner, out),
+                    leaf => out.push((key, leaf.clone())),
+                }
+            }
+        }
+        let table = toml::Table::try_from(self).expect("a Config always serialises to a table");
+        let mut out = Vec::new();
+        walk("", &table, &mut out);
+        out
+    }
+
+    /// Fills the defaults that depend on other keys, so the written config shows them.
+    pub fn resolve_defaults(&mut self) {
+        let steps = self.train.steps;
+        self.log.histogram_every.get_or_insert((steps / 10).max(1));
     }
 
     /// Makes every path absolute (relative paths are taken from the current
@@ -627,6 +677,14 @@ mod tests {
     fn empty_file_is_all_defaults() {
         let config = from_table(toml::Table::new()).unwrap();
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn histogram_interval_defaults_to_a_tenth_of_the_run() {
+        let config = Config::load(None, &["train.steps=500".into()]).unwrap();
+        assert_eq!(config.log.histogram_every, Some(50));
+        let config = Config::load(None, &["log.histogram_every=0".into()]).unwrap();
+        assert_eq!(config.log.histogram_every, Some(0));
     }
 
     #[test]

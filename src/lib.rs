@@ -18,4 +18,5 @@ pub mod optim;
 pub mod rng;
 pub mod run_dir;
 pub mod sinks;
+pub mod tensorboard;
 pub mod train;

@@ -24,7 +24,8 @@ use crate::rng::{self, Rng, Stream};
 use crate::run_dir::{self, RunDir};
 use crate::sinks::console::Console;
 use crate::sinks::jsonl::JsonlSink;
-use crate::sinks::{Record, Sink};
+use crate::sinks::tensorboard::TensorBoardSink;
+use crate::sinks::{Record, Sinks};
 
 /// What a finished run reports in `summary.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -99,11 +100,8 @@ impl Trainer {
         );
         let mut dropout_rng = rng::stream(config.seed, Stream::Dropout);
         let mut console = Console::new(quiet, config.train.steps);
-        let mut metrics =
-            JsonlSink::create(&run_dir.file(run_dir::METRICS)).with_context(|| {
-                format!("cannot create {}", run_dir.file(run_dir::METRICS).display())
-            })?;
         run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
+        let mut sinks = open_sinks(config, run_dir)?;
 
         if batcher.batch_size() < config.data.batch_size {
             console.note(&format!(
@@ -128,37 +126,46 @@ impl Trainer {
         let mut steps_done = 0;
         let train_clock = Instant::now();
         let t = &config.train;
+        let histogram_every = config.log.histogram_every.unwrap_or(0);
         for step in 0..t.steps {
             let mut record = Record::new(step);
             if step % t.eval_every == 0 {
                 evaluate(&model, data.val.as_ref(), &device, &mut record, &mut best)?;
-                metrics.flush()?;
+                sinks.flush()?;
             }
             let lr = schedule.lr(step);
+            let probe = Probe {
+                measure: step % t.log_every == 0 || step + 1 == t.steps,
+                histograms: histogram_every > 0 && step % histogram_every == 0,
+            };
             let (x, y) = data.train.batch(batcher.next_batch(), &device)?;
-            let logging = step % t.log_every == 0 || step + 1 == t.steps;
-            let loss = train_step(
+            let batch = (&x, &y);
+            let out = train_step(
                 &model,
                 &mut optimizer,
-                (&x, &y),
+                batch,
                 lr,
                 &mut dropout_rng,
                 &mut record,
-                logging,
+                probe,
             )?;
-            final_train_loss = Some(loss);
-            if !loss.is_finite() {
-                diverged_at_step = Some(step);
+            final_train_loss = Some(out.loss);
+            if record.values.iter().any(|(_, v)| !v.is_finite()) {
                 record.push("diverged", 1.0);
-                metrics.write(&record)?;
+            }
+            sinks.histograms(step, &out.histograms)?;
+            if !out.loss.is_finite() {
+                diverged_at_step = Some(step);
+                sinks.write(&record)?;
                 console.note(&format!(
-                    "step {step}: the training loss is {loss}; the run diverged"
+                    "step {step}: the training loss is {}; the run diverged",
+                    out.loss
                 ));
                 break;
             }
             steps_done = step + 1;
             if !record.is_empty() {
-                metrics.write(&record)?;
+                sinks.write(&record)?;
             }
             let samples_per_sec =
                 samples_per_second(steps_done, batcher.batch_size(), &train_clock);
@@ -176,10 +183,10 @@ impl Trainer {
             let mut record = Record::new(steps_done);
             evaluate(&model, data.val.as_ref(), &device, &mut record, &mut best)?;
             if !record.is_empty() {
-                metrics.write(&record)?;
+                sinks.write(&record)?;
             }
         }
-        metrics.flush()?;
+        sinks.finish(diverged_at_step.is_some())?;
         checkpoint::save(&run_dir.checkpoint(steps_done), &model.named_tensors())?;
 
         let summary = Summary {
@@ -207,11 +214,27 @@ impl Trainer {
     }
 }
 
+/// What to observe during one update besides the loss.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Probe {
+    /// Training metrics and per-parameter measurements into the record.
+    pub measure: bool,
+    /// Every parameter's and gradient's values, for histograms.
+    pub histograms: bool,
+}
+
+/// What one update produced.
+pub struct StepOutput {
+    /// The batch loss before the update.
+    pub loss: f64,
+    /// `params/<name>` and `grads/<name>` values when the probe asked for them.
+    pub histograms: Vec<(String, Vec<f32>)>,
+}
+
 /// One update of `model` on the batch `(x, y)`: forward (dropout masks from
-/// `dropout_rng`), mean cross-entropy, backward, optimizer step. With
-/// `measure`, the step's training metrics and per-parameter measurements go
-/// into `record` (also the loss when it is not finite). Returns the batch
-/// loss; when it is not finite the parameters are left untouched.
+/// `dropout_rng`), mean cross-entropy, backward, optimizer step, observed as
+/// `probe` asks (the loss is recorded also when it is not finite, and then
+/// the parameters are left untouched).
 pub fn train_step(
     model: &Mlp,
     optimizer: &mut Optimizer,
@@ -219,28 +242,66 @@ pub fn train_step(
     lr: f64,
     dropout_rng: &mut Rng,
     record: &mut Record,
-    measure: bool,
-) -> anyhow::Result<f64> {
+    probe: Probe,
+) -> anyhow::Result<StepOutput> {
     let logits = model.forward(x, Some(dropout_rng))?;
     let loss = candle_nn::loss::cross_entropy(&logits, y)?;
     let loss_value = loss.to_scalar::<f32>()? as f64;
-    if measure || !loss_value.is_finite() {
+    let mut out = StepOutput {
+        loss: loss_value,
+        histograms: Vec::new(),
+    };
+    if probe.measure || !loss_value.is_finite() {
         record.push("loss/train", loss_value);
         record.push("accuracy/train", accuracy(&logits, y)?);
         record.push("lr", lr);
     }
     if !loss_value.is_finite() {
-        return Ok(loss_value);
+        return Ok(out);
     }
     let grads = loss.backward()?;
-    let before = measure
+    if probe.histograms {
+        for param in model.params() {
+            let grad = grads
+                .get(param.tensor())
+                .expect("every parameter has a gradient");
+            out.histograms.push((
+                format!("params/{}", param.name),
+                param.tensor().flatten_all()?.to_vec1()?,
+            ));
+            out.histograms.push((
+                format!("grads/{}", param.name),
+                grad.flatten_all()?.to_vec1()?,
+            ));
+        }
+    }
+    let before = probe
+        .measure
         .then(|| BeforeStep::measure(model.params(), &grads))
         .transpose()?;
     let steps = optimizer.step(model.params(), &grads, lr)?;
     if let Some(before) = before {
         before.complete(&steps, lr, record)?;
     }
-    Ok(loss_value)
+    Ok(out)
+}
+
+/// metrics.jsonl always; TensorBoard unless `log.tensorboard = false`.
+fn open_sinks(config: &Config, run_dir: &RunDir) -> anyhow::Result<Sinks> {
+    let path = run_dir.file(run_dir::METRICS);
+    let jsonl =
+        JsonlSink::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut sinks = Sinks(vec![Box::new(jsonl)]);
+    if config.log.tensorboard {
+        let tensorboard = TensorBoardSink::create(run_dir.path(), config).with_context(|| {
+            format!(
+                "cannot write TensorBoard events in {}",
+                run_dir.path().display()
+            )
+        })?;
+        sinks.0.push(Box::new(tensorboard));
+    }
+    Ok(sinks)
 }
 
 fn samples_per_second(steps: u64, batch_size: usize, since: &Instant) -> f64 {

@@ -2,6 +2,7 @@
 
 pub mod console;
 pub mod jsonl;
+pub mod tensorboard;
 
 /// The measurements of one step, tags in the order they were added.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,46 @@ impl Record {
 /// that cannot write its measurements stops.
 pub trait Sink {
     fn write(&mut self, record: &Record) -> std::io::Result<()>;
+    /// Distributions (`params/<name>`, `grads/<name>`); sinks that cannot show them ignore them.
+    fn histograms(
+        &mut self,
+        _step: u64,
+        _histograms: &[(String, Vec<f32>)],
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Makes everything written so far durable (called at evaluations and at the end).
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The run is over; `diverged` says how it ended.
+    fn finish(&mut self, _diverged: bool) -> std::io::Result<()> {
+        self.flush()
+    }
+}
+
+/// Every sink of a run, written to together.
+#[derive(Default)]
+pub struct Sinks(pub Vec<Box<dyn Sink>>);
+
+impl Sinks {
+    pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|s| s.write(record))
+    }
+
+    pub fn histograms(
+        &mut self,
+        step: u64,
+        histograms: &[(String, Vec<f32>)],
+    ) -> std::io::Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|s| s.histograms(step, histograms))
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|s| s.flush())
+    }
+
+    pub fn finish(&mut self, diverged: bool) -> std::io::Result<()> {
+        self.0.iter_mut().try_for_each(|s| s.finish(diverged))
+    }
 }
