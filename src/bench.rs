@@ -18,7 +18,7 @@ use crate::model::Mlp;
 use crate::optim::Optimizer;
 use crate::rng::{self, Stream};
 use crate::sinks::Record;
-use crate::train::{Probe, train_step};
+use crate::train::step::{Probe, train_step};
 
 /// A benchmark case: an MLP shape and a batch size.
 #[derive(Debug, Clone, Copy)]

@@ -19,8 +19,22 @@ pub struct Cli {
 pub enum Command {
     /// Train one run; without --config, the built-in default experiment.
     Train(TrainArgs),
+    /// Continue a diverged run from its last checkpoint before the divergence, with changed settings.
+    Rescue(RescueArgs),
     /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RescueArgs {
+    /// The diverged run's directory.
+    pub run: PathBuf,
+    /// What to change for the rescue, e.g. --set optimizer.kind=lars
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,4 +85,8 @@ pub struct TrainArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Continue the run in this directory from its last checkpoint (with --set
+    /// train.steps=N, extend a finished run); its config.toml is the config.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["config", "name"])]
+    pub resume: Option<PathBuf>,
 }

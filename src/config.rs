@@ -27,6 +27,7 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
     pub log: LogConfig,
+    pub divergence: DivergenceConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +240,69 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Save a checkpoint every this many steps; 0: only the final one.
     pub checkpoint_every: u64,
+    /// Keep the newest this many checkpoints (the final one is always kept), ≥ 1.
+    pub keep_checkpoints: usize,
+}
+
+/// When a run counts as diverging, and what happens then. A rule must hold
+/// for `patience` consecutive steps (non-finite values fire at once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DivergenceConfig {
+    /// A non-finite loss or gradient is a divergence.
+    pub non_finite: bool,
+    /// The training loss exceeds this × its best smoothed value so far (and
+    /// by at least `loss_min_rise`); 0 is off.
+    pub loss_factor: f64,
+    /// The least rise over the best smoothed loss that counts, in nats: keeps
+    /// a nearly-zero training loss from firing the ratio on noise.
+    pub loss_min_rise: f64,
+    /// The global gradient norm exceeds this × its running median; 0 is off.
+    pub grad_factor: f64,
+    /// Steps a rule must hold in a row before the run counts as diverging, ≥ 1.
+    pub patience: u64,
+    /// Decay of the exponential moving average that smooths the training loss, 0 ≤ s < 1.
+    pub smoothing: f64,
+    /// Steps of gradient norms the running median is taken over, ≥ 1.
+    pub grad_window: usize,
+    /// The ratio rules start after this many steps (the statistics need history).
+    pub min_steps: u64,
+    /// `stop` the run, `continue` (only mark it), or `rescue` it from the last healthy checkpoint.
+    pub action: DivergenceAction,
+    /// `rescue`: how many times one run may be rescued.
+    pub max_rescues: u32,
+    /// A rescue has recovered when the smoothed loss is back under the best
+    /// before the divergence within this many steps (and the run ends finite).
+    pub recover_within: u64,
+    /// `rescue`: config overrides for the rescued run, dotted keys (`"optimizer.kind" = "lars"`) or nested tables.
+    pub rescue: toml::Table,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceAction {
+    Stop,
+    Continue,
+    Rescue,
+}
+
+impl Default for DivergenceConfig {
+    fn default() -> Self {
+        Self {
+            non_finite: true,
+            loss_factor: 4.0,
+            loss_min_rise: 0.5,
+            grad_factor: 0.0,
+            patience: 10,
+            smoothing: 0.9,
+            grad_window: 50,
+            min_steps: 20,
+            action: DivergenceAction::Stop,
+            max_rescues: 1,
+            recover_within: 200,
+            rescue: toml::Table::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +337,7 @@ impl Default for Config {
             schedule: ScheduleConfig::default(),
             train: TrainConfig::default(),
             log: LogConfig::default(),
+            divergence: DivergenceConfig::default(),
         }
     }
 }
@@ -349,6 +414,7 @@ impl Default for TrainConfig {
             log_every: 20,
             eval_every: 200,
             checkpoint_every: 0,
+            keep_checkpoints: 5,
         }
     }
 }
@@ -408,8 +474,39 @@ impl Config {
         toml::to_string_pretty(self).expect("a Config always serialises to TOML")
     }
 
-    /// Rejects values out of range, naming the dotted key at fault.
+    /// Rejects values out of range, naming the dotted key at fault (the
+    /// rescue overrides included).
     pub fn validate(&self) -> Result<(), UserError> {
+        self.validate_settings()?;
+        self.rescued().map(|_| ())
+    }
+
+    /// This config with `divergence.rescue`'s overrides applied: the config of a rescue run.
+    pub fn rescued(&self) -> Result<Config, UserError> {
+        let in_rescue = |e: UserError| match e {
+            UserError::ConfigKey { key, message } => {
+                UserError::key(format!("divergence.rescue: {key}"), message)
+            }
+            other => other,
+        };
+        let mut table = toml::Table::try_from(self).expect("a Config always serialises to a table");
+        let mut overrides = Vec::new();
+        flatten_table("", &self.divergence.rescue, &mut overrides);
+        for (key, value) in overrides {
+            if key.starts_with("divergence.rescue") {
+                return Err(UserError::key(
+                    "divergence.rescue",
+                    "cannot override itself",
+                ));
+            }
+            set_dotted(&mut table, &key, value).map_err(in_rescue)?;
+        }
+        let rescued = from_table(table).map_err(in_rescue)?;
+        rescued.validate_settings().map_err(in_rescue)?;
+        Ok(rescued)
+    }
+
+    fn validate_settings(&self) -> Result<(), UserError> {
         let d = &self.data;
         let m = &self.model;
         let o = &self.optimizer;
@@ -520,27 +617,50 @@ impl Config {
         check(t.steps >= 1, "train.steps", "must be at least 1")?;
         check(t.log_every >= 1, "train.log_every", "must be at least 1")?;
         check(t.eval_every >= 1, "train.eval_every", "must be at least 1")?;
+        check(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            "must be at least 1",
+        )?;
+        let v = &self.divergence;
+        check(
+            v.loss_factor == 0.0 || (v.loss_factor.is_finite() && v.loss_factor > 1.0),
+            "divergence.loss_factor",
+            "must be 0 (off) or > 1",
+        )?;
+        check(
+            v.grad_factor == 0.0 || (v.grad_factor.is_finite() && v.grad_factor > 1.0),
+            "divergence.grad_factor",
+            "must be 0 (off) or > 1",
+        )?;
+        check(
+            v.loss_min_rise.is_finite() && v.loss_min_rise >= 0.0,
+            "divergence.loss_min_rise",
+            "must be ≥ 0",
+        )?;
+        check(v.patience >= 1, "divergence.patience", "must be at least 1")?;
+        check(
+            (0.0..1.0).contains(&v.smoothing),
+            "divergence.smoothing",
+            "must be in [0, 1)",
+        )?;
+        check(
+            v.grad_window >= 1,
+            "divergence.grad_window",
+            "must be at least 1",
+        )?;
         Ok(())
     }
 
-    /// Every leaf of the config as a dotted key and its value, in file order.
+    /// Every leaf of the config as a dotted key and its value, in file order
+    /// (`divergence.rescue`'s overrides are left out: they are not settings of this run).
     pub fn flatten(&self) -> Vec<(String, toml::Value)> {
-        fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
-            for (key, value) in table {
-                let key = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                match value {
-                    toml::Value::Table(inner) => walk(&key, inner, out),
-                    leaf => out.push((key, leaf.clone())),
-                }
-            }
+        let mut table = toml::Table::try_from(self).expect("a Config always serialises to a table");
+        if let Some(toml::Value::Table(divergence)) = table.get_mut("divergence") {
+            divergence.remove("rescue");
         }
-        let table = toml::Table::try_from(self).expect("a Config always serialises to a table");
         let mut out = Vec::new();
-        walk("", &table, &mut out);
+        flatten_table("", &table, &mut out);
         out
     }
 
@@ -621,6 +741,21 @@ fn unknown_field(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
+/// Every leaf of `table` as a dotted key (a key may itself hold dots, e.g. `"optimizer.kind"`).
+fn flatten_table(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (key, value) in table {
+        let key = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => flatten_table(&key, inner, out),
+            leaf => out.push((key, leaf.clone())),
+        }
+    }
+}
+
 /// Parses the value of a `--set` or a grid entry: a TOML value, or a bare word taken as a string.
 pub fn parse_value(text: &str) -> toml::Value {
     match format!("v = {text}").parse::<toml::Table>() {
@@ -637,12 +772,17 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), U
         )));
     };
     let key = key.trim();
-    let parts: Vec<&str> = key.split('.').collect();
-    if parts.iter().any(|p| p.is_empty()) {
+    if key.split('.').any(|p| p.is_empty()) {
         return Err(UserError::Usage(format!(
             "--set `{assignment}`: `{key}` is not a dotted config key"
         )));
     }
+    set_dotted(table, key, parse_value(value.trim()))
+}
+
+/// Sets the value at a dotted key, creating the tables on the way.
+fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), UserError> {
+    let parts: Vec<&str> = key.split('.').collect();
     let (last, parents) = parts.split_last().expect("split never yields nothing");
     let mut node = table;
     for (depth, part) in parents.iter().enumerate() {
@@ -659,7 +799,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), U
             }
         };
     }
-    node.insert(last.to_string(), parse_value(value.trim()));
+    node.insert(last.to_string(), value);
     Ok(())
 }
 
@@ -769,6 +909,29 @@ mod tests {
         ] {
             assert_eq!(rejected_key(assignment), key, "{assignment}");
         }
+    }
+
+    #[test]
+    fn rescue_overrides_apply_and_are_validated() {
+        let config = Config::load(
+            None,
+            &[
+                "divergence.rescue={\"optimizer.kind\" = \"lars\", optimizer = { clip = true }}"
+                    .into(),
+            ],
+        )
+        .unwrap();
+        let rescued = config.rescued().unwrap();
+        assert_eq!(rescued.optimizer.kind, OptimizerKind::Lars);
+        assert!(rescued.optimizer.clip);
+        assert_eq!(
+            rejected_key("divergence.rescue={\"optimizer.lr\" = -1}"),
+            "divergence.rescue: optimizer.lr"
+        );
+        assert_eq!(
+            rejected_key("divergence.rescue={\"optimizer.colour\" = 1}"),
+            "divergence.rescue: optimizer.colour"
+        );
     }
 
     #[test]

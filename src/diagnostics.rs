@@ -78,15 +78,15 @@ impl BeforeStep {
             next += 1;
         }
         metrics.push(("lr_eff", column(next).to_vec()));
-        let ratios = step_norms
-            .iter()
-            .zip(weight_norms)
-            .map(|(s, w)| s / w)
-            .collect();
-        metrics.push(("update_ratio", ratios));
         for (metric, per_param) in metrics {
             for (name, value) in self.names.iter().zip(per_param) {
                 record.push(format!("{metric}/{name}"), value);
+            }
+        }
+        // ‖Δw‖/‖w‖ is undefined for an all-zero tensor (zero-initialised biases): left out.
+        for ((name, step), weight) in self.names.iter().zip(step_norms).zip(weight_norms) {
+            if *weight > 0.0 {
+                record.push(format!("update_ratio/{name}"), step / weight);
             }
         }
         Ok(())

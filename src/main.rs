@@ -1,17 +1,23 @@
 use clap::Parser;
 
 use larslab::cli::{Cli, Command};
-use larslab::{commands, error};
+use larslab::commands::Outcome;
+use larslab::{commands, error, interrupt};
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(args) => commands::train(args),
-        Command::Bench(args) => commands::bench(args),
+        Command::Rescue(args) => commands::rescue_command(args),
+        Command::Bench(args) => commands::bench(args).map(|()| Outcome::Done),
     };
-    if let Err(err) = result {
-        // One line: anyhow's alternate form joins the context chain with ": ".
-        eprintln!("error: {err:#}");
-        std::process::exit(error::exit_code(&err));
+    match result {
+        Ok(Outcome::Done) => {}
+        Ok(Outcome::Interrupted) => std::process::exit(interrupt::EXIT_INTERRUPTED),
+        Err(err) => {
+            // One line: anyhow's alternate form joins the context chain with ": ".
+            eprintln!("error: {err:#}");
+            std::process::exit(error::exit_code(&err));
+        }
     }
 }

@@ -39,6 +39,48 @@ impl RunDir {
         unreachable!("the loop only ends by returning")
     }
 
+    /// The first free `<out>/<stem>-1`, `<stem>-2`, … (rescue runs: `RUN.rescue-1`).
+    pub fn create_numbered(out: &Path, stem: &str) -> anyhow::Result<Self> {
+        for n in 1.. {
+            let candidate = out.join(format!("{stem}-{n}"));
+            match std::fs::create_dir(&candidate) {
+                Ok(()) => return Ok(Self { path: candidate }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot create {}", candidate.display()));
+                }
+            }
+        }
+        unreachable!("the loop only ends by returning")
+    }
+
+    /// An existing run directory (one with a `config.toml`).
+    pub fn open(path: &Path) -> Result<Self, crate::error::UserError> {
+        if !path.join(CONFIG).is_file() {
+            return Err(crate::error::UserError::data(
+                path,
+                "is not a run directory (no config.toml)",
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The run's `summary.json`, if it has one.
+    pub fn summary<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<T>, crate::error::UserError> {
+        let path = self.file(SUMMARY);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            crate::error::UserError::data(&path, format!("not a readable summary: {e}"))
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 
 use crate::config::{Config, DataKind, Normalize};
 use crate::error::UserError;
-use crate::rng::{self, Rng, Stream};
+use crate::rng::{self, Rng, RngState, Stream};
 
 /// Labelled samples held in host memory, one row of `features()` values each.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +233,14 @@ fn feature_moments(data: &Dataset) -> (Vec<f64>, Vec<f64>) {
     (mean, std)
 }
 
+/// A [`Batcher`]'s position, saved in checkpoints.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatcherState {
+    pub order: Vec<usize>,
+    pub position: usize,
+    pub rng: RngState,
+}
+
 /// The order in which training samples are visited: epoch after epoch, each
 /// a fresh seeded permutation when shuffling, dropping the last partial batch
 /// so that every step sees the same number of samples.
@@ -261,6 +269,33 @@ impl Batcher {
 
     pub fn batch_size(&self) -> usize {
         self.batch_size
+    }
+
+    /// Where the batcher is: enough to continue exactly after a checkpoint.
+    pub fn state(&self) -> BatcherState {
+        BatcherState {
+            order: self.order.clone(),
+            position: self.position,
+            rng: RngState::of(&self.rng),
+        }
+    }
+
+    /// Continues from `state`; `None` when it does not fit a data set of this size.
+    pub fn restore(&mut self, state: &BatcherState) -> Option<()> {
+        let mut seen = vec![false; self.order.len()];
+        let valid = state.order.len() == self.order.len()
+            && state.position <= state.order.len()
+            && state
+                .order
+                .iter()
+                .all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true));
+        if !valid {
+            return None;
+        }
+        self.rng = state.rng.restore()?;
+        self.order = state.order.clone();
+        self.position = state.position;
+        Some(())
     }
 
     fn start_epoch(&mut self) {

@@ -63,6 +63,17 @@ pub trait Transform: Send {
         update: Tensor,
         report: &mut StepReport,
     ) -> Result<Tensor>;
+
+    /// The link's state for parameter `index` as named slots (slot names are
+    /// unique within a chain), for checkpoints.
+    fn state(&self, _index: usize) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restores one slot of parameter `index`; `false` when the slot is not this link's.
+    fn restore(&mut self, _index: usize, _slot: &str, _value: &Tensor) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// An optimizer: a chain of transforms whose output is subtracted from each parameter.
@@ -121,6 +132,51 @@ impl Optimizer {
             ],
         };
         Self { chain }
+    }
+
+    /// Every link's state as `<slot>/<parameter name>` tensors (momentum
+    /// buffers, Adam moments and counts), for checkpoints.
+    pub fn state(&self, params: &[Param]) -> std::collections::HashMap<String, Tensor> {
+        let mut out = std::collections::HashMap::new();
+        for (index, param) in params.iter().enumerate() {
+            for link in &self.chain {
+                for (slot, tensor) in link.state(index) {
+                    out.insert(format!("{slot}/{}", param.name), tensor);
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores the state [`Optimizer::state`] saved; every tensor must find its link.
+    pub fn restore(
+        &mut self,
+        params: &[Param],
+        state: &std::collections::HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
+        for (key, value) in state {
+            let (slot, name) = key
+                .split_once('/')
+                .ok_or_else(|| format!("`{key}` is not <slot>/<parameter>"))?;
+            let index = params
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| format!("`{key}`: the model has no parameter `{name}`"))?;
+            let mut taken = false;
+            for link in &mut self.chain {
+                if link
+                    .restore(index, slot, value)
+                    .map_err(|e| format!("`{key}`: {e}"))?
+                {
+                    taken = true;
+                    break;
+                }
+            }
+            if !taken {
+                return Err(format!("`{key}`: this optimizer keeps no `{slot}` state"));
+            }
+        }
+        Ok(())
     }
 
     /// Updates every parameter in place from this step's gradients and returns

@@ -126,7 +126,7 @@ impl Transform for Trace {
         if self.decay == 0.0 {
             return Ok(update);
         }
-        let buffer = slot(&mut self.buffers, param.index);
+        let buffer = slot_of(&mut self.buffers, param.index);
         let trace = match buffer.take() {
             Some(previous) => ((previous * self.decay)? + &update)?,
             None => update.clone(),
@@ -138,6 +138,21 @@ impl Transform for Trace {
         };
         *buffer = Some(trace);
         Ok(out)
+    }
+
+    fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
+        match self.buffers.get(index) {
+            Some(Some(buffer)) => vec![("momentum", buffer.clone())],
+            _ => Vec::new(),
+        }
+    }
+
+    fn restore(&mut self, index: usize, slot: &str, value: &Tensor) -> Result<bool> {
+        if slot != "momentum" {
+            return Ok(false);
+        }
+        *slot_of(&mut self.buffers, index) = Some(value.clone());
+        Ok(true)
     }
 }
 
@@ -164,7 +179,7 @@ impl ScaleByAdam {
 impl Transform for ScaleByAdam {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         let (b1, b2) = (self.beta1, self.beta2);
-        let state = slot(&mut self.moments, param.index);
+        let state = slot_of(&mut self.moments, param.index);
         let (mu, nu, count) = match state.take() {
             Some((mu, nu, count)) => (mu, nu, count),
             None => (update.zeros_like()?, update.zeros_like()?, 0),
@@ -178,6 +193,42 @@ impl Transform for ScaleByAdam {
         *state = Some((mu, nu, count));
         Ok(direction)
     }
+
+    fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
+        match self.moments.get(index) {
+            Some(Some((mu, nu, count))) => vec![
+                ("adam_mu", mu.clone()),
+                ("adam_nu", nu.clone()),
+                (
+                    "adam_count",
+                    Tensor::new(*count as i64, mu.device()).expect("a 0-d tensor"),
+                ),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    fn restore(&mut self, index: usize, slot: &str, value: &Tensor) -> Result<bool> {
+        if !matches!(slot, "adam_mu" | "adam_nu" | "adam_count") {
+            return Ok(false);
+        }
+        let state = slot_of(&mut self.moments, index);
+        let (mut mu, mut nu, mut count) = match state.take() {
+            Some(moments) => moments,
+            None => (value.zeros_like()?, value.zeros_like()?, 0),
+        };
+        match slot {
+            "adam_mu" => mu = value.clone(),
+            "adam_nu" => nu = value.clone(),
+            _ => {
+                count = value
+                    .to_dtype(candle_core::DType::I64)?
+                    .to_scalar::<i64>()? as i32
+            }
+        }
+        *state = Some((mu, nu, count));
+        Ok(true)
+    }
 }
 
 /// Multiplies the update by the step's scheduled global rate.
@@ -190,7 +241,7 @@ impl Transform for ScaleByLearningRate {
 }
 
 /// The state slot of parameter `index`, growing the list on first use.
-fn slot<T>(states: &mut Vec<Option<T>>, index: usize) -> &mut Option<T> {
+fn slot_of<T>(states: &mut Vec<Option<T>>, index: usize) -> &mut Option<T> {
     if states.len() <= index {
         states.resize_with(index + 1, || None);
     }

@@ -1,0 +1,148 @@
+//! One update, in the pieces the trainer needs: forward and backward, then
+//! (unless the run is diverging) the optimizer step with its measurements.
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, DType, Tensor};
+
+use crate::diagnostics::BeforeStep;
+use crate::model::Mlp;
+use crate::optim::Optimizer;
+use crate::rng::Rng;
+use crate::sinks::Record;
+
+/// What to observe during one update besides the loss.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Probe {
+    /// Training metrics and per-parameter measurements into the record.
+    pub measure: bool,
+    /// Every parameter's and gradient's values, for histograms.
+    pub histograms: bool,
+}
+
+/// The forward and backward pass of one batch.
+pub struct Gradients {
+    /// The batch's mean cross-entropy.
+    pub loss: f64,
+    pub logits: Tensor,
+    /// Absent when the loss is not finite (nothing to differentiate).
+    pub grads: Option<GradStore>,
+}
+
+/// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward.
+pub fn forward_backward(
+    model: &Mlp,
+    (x, y): (&Tensor, &Tensor),
+    dropout_rng: &mut Rng,
+) -> anyhow::Result<Gradients> {
+    let logits = model.forward(x, Some(dropout_rng))?;
+    let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    let grads = loss_value
+        .is_finite()
+        .then(|| loss.backward())
+        .transpose()?;
+    Ok(Gradients {
+        loss: loss_value,
+        logits,
+        grads,
+    })
+}
+
+/// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any gradient is).
+pub fn global_grad_norm(model: &Mlp, grads: &GradStore) -> anyhow::Result<f64> {
+    let squares = model
+        .params()
+        .iter()
+        .map(|p| {
+            let g = grads
+                .get(p.tensor())
+                .expect("every parameter has a gradient");
+            g.sqr()?.sum_all()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?;
+    Ok(total.to_scalar::<f32>()? as f64)
+}
+
+/// The batch figures every logged step records.
+pub fn record_batch(
+    record: &mut Record,
+    g: &Gradients,
+    labels: &Tensor,
+    lr: f64,
+) -> anyhow::Result<()> {
+    record.push("loss/train", g.loss);
+    record.push("accuracy/train", accuracy(&g.logits, labels)?);
+    record.push("lr", lr);
+    Ok(())
+}
+
+/// The optimizer step, with the per-parameter measurements and histograms the probe asks for.
+pub fn apply_update(
+    model: &Mlp,
+    optimizer: &mut Optimizer,
+    grads: &GradStore,
+    lr: f64,
+    record: &mut Record,
+    probe: Probe,
+) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+    let mut histograms = Vec::new();
+    if probe.histograms {
+        for param in model.params() {
+            let grad = grads
+                .get(param.tensor())
+                .expect("every parameter has a gradient");
+            histograms.push((
+                format!("params/{}", param.name),
+                param.tensor().flatten_all()?.to_vec1()?,
+            ));
+            histograms.push((
+                format!("grads/{}", param.name),
+                grad.flatten_all()?.to_vec1()?,
+            ));
+        }
+    }
+    let before = probe
+        .measure
+        .then(|| BeforeStep::measure(model.params(), grads))
+        .transpose()?;
+    let steps = optimizer.step(model.params(), grads, lr)?;
+    if let Some(before) = before {
+        before.complete(&steps, lr, record)?;
+    }
+    Ok(histograms)
+}
+
+/// One whole update as the benchmark times it: forward, backward, step.
+/// Returns the loss; a non-finite loss leaves the parameters untouched.
+pub fn train_step(
+    model: &Mlp,
+    optimizer: &mut Optimizer,
+    batch: (&Tensor, &Tensor),
+    lr: f64,
+    dropout_rng: &mut Rng,
+    record: &mut Record,
+    probe: Probe,
+) -> anyhow::Result<f64> {
+    let g = forward_backward(model, batch, dropout_rng)?;
+    if probe.measure {
+        record_batch(record, &g, batch.1, lr)?;
+    }
+    if let Some(grads) = &g.grads {
+        apply_update(model, optimizer, grads, lr, record, probe)?;
+    }
+    Ok(g.loss)
+}
+
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
+    Ok(correct(logits, labels)? as f64 / labels.dim(0)? as f64)
+}
+
+pub fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<u64> {
+    let predicted = logits.argmax(D::Minus1)?;
+    Ok(predicted
+        .eq(labels)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as u64)
+}
