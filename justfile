@@ -22,3 +22,11 @@ lars-vs-sgd:
     cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-lars
     cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-sgd --set optimizer.kind=sgd
     cargo run --release -- train --config experiments/lars-large-batch.toml --name lars-large-batch-sgd-unscaled --set optimizer.kind=sgd --set optimizer.lr=0.1
+
+# A diverging SGD run rescued three ways, against LARS from the start (experiments/rescue-after-divergence.toml)
+rescue-demo:
+    cargo run --release -- train --config experiments/rescue-after-divergence.toml
+    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars
+    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars --set optimizer.clip=true
+    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.lr=0.3
+    cargo run --release -- train --config experiments/rescue-after-divergence.toml --name lars-from-start --set optimizer.kind=lars
