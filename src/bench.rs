@@ -155,9 +155,11 @@ impl Setup {
 
     fn steps(&mut self, n: usize, measure_every: usize) -> anyhow::Result<()> {
         for _ in 0..n {
+            let measure = self.measurements && self.steps_done.is_multiple_of(measure_every);
             let probe = Probe {
-                measure: self.measurements && self.steps_done.is_multiple_of(measure_every),
+                measure,
                 histograms: false,
+                diagnostics: measure,
             };
             let mut record = Record::new(self.steps_done as u64);
             let batch = (&self.x, &self.y);

@@ -21,8 +21,19 @@ pub enum Command {
     Train(TrainArgs),
     /// Continue a diverged run from its last checkpoint before the divergence, with changed settings.
     Rescue(RescueArgs),
+    /// Measure a model at initialisation: per-layer variances, Jacobian spectrum (writes probe.json).
+    Probe(ProbeArgs),
     /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Inputs the Jacobian is taken at (its singular values are pooled over them).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub inputs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -2,10 +2,11 @@
 
 use crate::bench;
 use crate::checkpoint;
-use crate::cli::{BenchArgs, Format, RescueArgs, RunArgs, TrainArgs};
+use crate::cli::{BenchArgs, Format, ProbeArgs, RescueArgs, RunArgs, TrainArgs};
 use crate::config::{Config, DivergenceAction, OptimizerKind};
 use crate::error::UserError;
 use crate::interrupt;
+use crate::probe;
 use crate::run_dir::{self, RunDir};
 use crate::train::{RunOptions, Status, Summary, Trainer, healthy_checkpoint};
 
@@ -216,6 +217,17 @@ fn report(run_dir: &RunDir, summary: &Summary) {
         summary.wall_seconds,
         summary.samples_per_second,
     );
+}
+
+pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.run)?;
+    let report = probe::probe(&config, args.inputs as usize)?;
+    let run_dir = RunDir::create(&args.run.out, &config.name)?;
+    run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
+    run_dir.write_json("probe.json", &report)?;
+    print!("{}", probe::table(&report));
+    println!("{}", run_dir.file("probe.json").display());
+    Ok(())
 }
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {

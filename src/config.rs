@@ -27,7 +27,29 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
     pub log: LogConfig,
+    pub diagnostics: DiagnosticsConfig,
     pub divergence: DivergenceConfig,
+}
+
+/// Measurements inside the layers (activations, back-propagated gradients, symmetry, spectra).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// Per-layer activation, pre-activation-gradient, dead/saturated and
+    /// symmetry measurements every this many steps; 0 is off.
+    pub every: u64,
+    /// Singular values of every weight matrix (spectral norm, condition
+    /// number) every this many steps; 0 is off.
+    pub spectrum_every: u64,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        Self {
+            every: 20,
+            spectrum_every: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,16 +333,15 @@ pub struct LogConfig {
     /// Write TensorBoard event files into the run directory.
     pub tensorboard: bool,
     /// TensorBoard histograms of every parameter and its gradient every this
-    /// many steps; 0 is off. Default: ten times per run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub histogram_every: Option<u64>,
+    /// many steps; 0 is off.
+    pub histogram_every: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             tensorboard: true,
-            histogram_every: None,
+            histogram_every: 100,
         }
     }
 }
@@ -337,6 +358,7 @@ impl Default for Config {
             schedule: ScheduleConfig::default(),
             train: TrainConfig::default(),
             log: LogConfig::default(),
+            diagnostics: DiagnosticsConfig::default(),
             divergence: DivergenceConfig::default(),
         }
     }
@@ -465,7 +487,6 @@ impl Config {
         let mut config = from_table(table)?;
         config.validate()?;
         config.resolve_paths()?;
-        config.resolve_defaults();
         Ok(config)
     }
 
@@ -664,12 +685,6 @@ impl Config {
         out
     }
 
-    /// Fills the defaults that depend on other keys, so the written config shows them.
-    pub fn resolve_defaults(&mut self) {
-        let steps = self.train.steps;
-        self.log.histogram_every.get_or_insert((steps / 10).max(1));
-    }
-
     /// Makes every path absolute (relative paths are taken from the current
     /// directory), so that the written `config.toml` reproduces the run from anywhere.
     fn resolve_paths(&mut self) -> Result<(), UserError> {
@@ -817,14 +832,6 @@ mod tests {
     fn empty_file_is_all_defaults() {
         let config = from_table(toml::Table::new()).unwrap();
         assert_eq!(config, Config::default());
-    }
-
-    #[test]
-    fn histogram_interval_defaults_to_a_tenth_of_the_run() {
-        let config = Config::load(None, &["train.steps=500".into()]).unwrap();
-        assert_eq!(config.log.histogram_every, Some(50));
-        let config = Config::load(None, &["log.histogram_every=0".into()]).unwrap();
-        assert_eq!(config.log.histogram_every, Some(0));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! per log step.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::model::Param;
+use crate::config::Activation;
+use crate::model::{Param, Trace};
 use crate::optim::ParamStep;
 use crate::optim::transforms::l2_norm;
 use crate::sinks::Record;
@@ -91,4 +92,110 @@ impl BeforeStep {
         }
         Ok(())
     }
+}
+
+/// Per-layer statistics of one traced step (layer i is `fc<i>`), added to
+/// `record` after one transfer:
+/// - `act_mean`, `act_std`: the hidden layer's output after its activation;
+/// - `preact_grad_std`: the standard deviation of ∂L/∂z_i, the back-propagated
+///   gradient of Glorot and Bengio (2010) (L is the batch-mean loss);
+/// - `dead_frac` (relu, leaky_relu): share of units whose pre-activation is ≤ 0
+///   on the whole batch; `saturated_frac` (sigmoid, tanh): share of outputs
+///   within 1% of the activation's bounds;
+/// - `symmetry`: mean pairwise cosine similarity of the weight matrix's rows.
+pub fn layer_stats(
+    params: &[Param],
+    trace: &Trace,
+    grads: &GradStore,
+    activation: Activation,
+    record: &mut Record,
+) -> Result<()> {
+    let mut tags = Vec::new();
+    let mut scalars = Vec::new();
+    let mut add = |tag: String, value: Tensor| {
+        tags.push(tag);
+        scalars.push(value);
+    };
+    for (i, h) in trace.acts.iter().enumerate() {
+        let layer = format!("fc{}", i + 1);
+        add(format!("act_mean/{layer}"), h.mean_all()?);
+        add(format!("act_std/{layer}"), std_all(h)?);
+        match activation {
+            Activation::Relu | Activation::LeakyRelu => {
+                let alive = trace.preacts[i].max(0)?.gt(0f32)?.to_dtype(DType::F32)?;
+                add(format!("dead_frac/{layer}"), (1.0 - alive.mean_all()?)?);
+            }
+            Activation::Sigmoid => {
+                let near = (h.lt(0.01f32)?.to_dtype(DType::F32)?
+                    + h.gt(0.99f32)?.to_dtype(DType::F32)?)?;
+                add(format!("saturated_frac/{layer}"), near.mean_all()?);
+            }
+            Activation::Tanh => {
+                let near = h.abs()?.gt(0.99f32)?.to_dtype(DType::F32)?;
+                add(format!("saturated_frac/{layer}"), near.mean_all()?);
+            }
+            _ => {}
+        }
+    }
+    for (i, probe) in trace.probes.iter().enumerate() {
+        if let Some(grad) = grads.get(probe.as_tensor()) {
+            add(format!("preact_grad_std/fc{}", i + 1), std_all(grad)?);
+        }
+    }
+    for (i, layer) in params.chunks_exact(2).enumerate() {
+        if layer[0].tensor().dim(0)? >= 2 {
+            add(
+                format!("symmetry/fc{}", i + 1),
+                symmetry(layer[0].tensor())?,
+            );
+        }
+    }
+    let values = Tensor::stack(&scalars, 0)?.to_vec1::<f32>()?;
+    for (tag, value) in tags.into_iter().zip(values) {
+        record.push(tag, value as f64);
+    }
+    Ok(())
+}
+
+/// Population standard deviation over all elements, as a 0-d tensor.
+fn std_all(t: &Tensor) -> Result<Tensor> {
+    let mean = t.mean_all()?;
+    t.broadcast_sub(&mean)?.sqr()?.mean_all()?.sqrt()
+}
+
+/// Mean cosine similarity over all pairs of distinct rows of `w` `[n, d]`:
+/// with unit rows u_i and s = Σ u_i, Σ_{i≠j} ⟨u_i, u_j⟩ = ‖s‖² − Σ‖u_i‖², so
+/// one pass over the matrix suffices, however wide the layer. All-zero rows
+/// count as orthogonal to everything.
+pub fn symmetry(w: &Tensor) -> Result<Tensor> {
+    let n = w.dim(0)? as f64;
+    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let safe = norms.maximum(f32::MIN_POSITIVE)?;
+    let units = w.broadcast_div(&safe)?;
+    let s = units.sum(0)?;
+    let self_terms = units.sqr()?.sum_all()?;
+    (s.sqr()?.sum_all()? - self_terms)? / (n * (n - 1.0))
+}
+
+/// Largest singular value and condition number (largest / smallest) of every
+/// weight matrix, computed in f64 by nalgebra's SVD on the host. A matrix with
+/// a zero singular value gets no `cond` (it is infinite).
+pub fn spectra(params: &[Param], record: &mut Record) -> Result<()> {
+    for param in params.iter().filter(|p| p.tensor().rank() == 2) {
+        let (rows, cols) = param.tensor().dims2()?;
+        let values = param
+            .tensor()
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let matrix = nalgebra::DMatrix::from_row_slice(rows, cols, &values);
+        let singular = matrix.singular_values();
+        let max = singular.max();
+        let min = singular.min();
+        record.push(format!("spectral_norm/{}", param.name), max);
+        if min > 0.0 {
+            record.push(format!("cond/{}", param.name), max / min);
+        }
+    }
+    Ok(())
 }

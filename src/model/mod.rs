@@ -92,23 +92,51 @@ impl Mlp {
     pub fn forward(
         &self,
         x: &Tensor,
-        mut dropout_rng: Option<&mut Rng>,
+        dropout_rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
+        Ok(self.forward_traced(x, dropout_rng, false)?.0)
+    }
+
+    /// [`Mlp::forward`], optionally keeping what happens inside: every
+    /// layer's pre-activation z_i, with a zero-valued probe variable added so
+    /// that the backward pass keeps ∂L/∂z_i (candle drops the gradients of
+    /// intermediate tensors, but keeps those of variables; adding 0 changes
+    /// no value), and every hidden layer's output h_i (before dropout).
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        mut dropout_rng: Option<&mut Rng>,
+        trace: bool,
+    ) -> candle_core::Result<(Tensor, Option<Trace>)> {
         let mut h = x.clone();
+        let mut traced = trace.then(Trace::default);
         for (i, layer) in self.params.chunks_exact(2).enumerate() {
-            let z = h
+            let mut z = h
                 .matmul(&layer[0].tensor().t()?)?
                 .broadcast_add(layer[1].tensor())?;
+            if let Some(t) = traced.as_mut() {
+                let probe = Var::zeros(z.dims(), z.dtype(), z.device())?;
+                z = (z + probe.as_tensor())?;
+                t.preacts.push(z.clone());
+                t.probes.push(probe);
+            }
             if i + 1 == self.layers() {
-                return Ok(z);
+                return Ok((z, traced));
             }
             h = self.activation.forward(&z)?;
+            if let Some(t) = traced.as_mut() {
+                t.acts.push(h.clone());
+            }
             if let Some(rng) = dropout_rng.as_deref_mut().filter(|_| self.dropout > 0.0) {
                 let mask = dropout_mask(h.dims(), self.dropout, rng, x.device())?;
                 h = (h * mask)?;
             }
         }
         unreachable!("an MLP has at least its output layer")
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.activation
     }
 
     /// Every parameter by name, for checkpoints.
@@ -118,6 +146,16 @@ impl Mlp {
             .map(|p| (p.name.clone(), p.tensor().clone()))
             .collect()
     }
+}
+
+/// What [`Mlp::forward_traced`] keeps: per layer (fc1 … fcL) the
+/// pre-activation and its probe variable, per hidden layer the activation.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    pub preacts: Vec<Tensor>,
+    /// `grads.get(probes[i])` is ∂L/∂z_{i+1} after the backward pass.
+    pub probes: Vec<Var>,
+    pub acts: Vec<Tensor>,
 }
 
 /// Inverted dropout: zero with probability `p`, scale survivors by 1/(1−p), so

@@ -20,6 +20,14 @@ pub const PER_LAYER_METRICS: &[&str] = &[
     "trust_ratio",
     "lr_eff",
     "update_ratio",
+    "act_mean",
+    "act_std",
+    "preact_grad_std",
+    "dead_frac",
+    "saturated_frac",
+    "symmetry",
+    "spectral_norm",
+    "cond",
 ];
 
 /// The summary figures the HParams dashboard shows for every session.

@@ -24,6 +24,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, DivergenceAction, OptimizerKind};
 use crate::data::{self, Batcher, BatcherState, Dataset};
 use crate::device;
+use crate::diagnostics::{layer_stats, spectra};
 use crate::divergence::{Detector, DetectorState, Verdict};
 use crate::error::UserError;
 use crate::model::Mlp;
@@ -300,7 +301,8 @@ impl Trainer {
         let mut sinks = open_sinks(&config, run_dir, self.step)?;
         let mut console = Console::new(options.quiet, t.steps);
         let schedule = Schedule::new(&config.schedule, config.optimizer.lr, t.steps);
-        let histogram_every = config.log.histogram_every.unwrap_or(0);
+        let histogram_every = config.log.histogram_every;
+        let spectrum_every = config.diagnostics.spectrum_every;
         self.announce(&console, run_dir);
         if t.checkpoint_every > 0 || config.divergence.action == DivergenceAction::Rescue {
             self.save_checkpoint(run_dir, None)?;
@@ -330,15 +332,22 @@ impl Trainer {
                 sinks.flush()?;
             }
             let lr = schedule.lr(step);
+            let every = |n: u64| n > 0 && step.is_multiple_of(n);
             let probe = Probe {
                 measure: step.is_multiple_of(t.log_every),
-                histograms: histogram_every > 0 && step.is_multiple_of(histogram_every),
+                histograms: every(histogram_every),
+                diagnostics: every(config.diagnostics.every),
             };
             let (x, y) = self
                 .data
                 .train
                 .batch(self.batcher.next_batch(), &self.device)?;
-            let g = forward_backward(&self.model, (&x, &y), &mut self.dropout_rng)?;
+            let g = forward_backward(
+                &self.model,
+                (&x, &y),
+                &mut self.dropout_rng,
+                probe.diagnostics,
+            )?;
             let grad_norm = match &g.grads {
                 Some(grads) if self.detector.needs_grad_norm() => {
                     Some(global_grad_norm(&self.model, grads)?)
@@ -375,6 +384,18 @@ impl Trainer {
                 }
             }
             let grads = g.grads.as_ref().expect("a finite loss has gradients");
+            if let Some(trace) = &g.trace {
+                layer_stats(
+                    self.model.params(),
+                    trace,
+                    grads,
+                    self.model.activation(),
+                    &mut record,
+                )?;
+            }
+            if every(spectrum_every) {
+                spectra(self.model.params(), &mut record)?;
+            }
             let histograms = apply_update(
                 &self.model,
                 &mut self.optimizer,

@@ -4,8 +4,8 @@
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
-use crate::diagnostics::BeforeStep;
-use crate::model::Mlp;
+use crate::diagnostics::{BeforeStep, layer_stats};
+use crate::model::{Mlp, Trace};
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::sinks::Record;
@@ -17,6 +17,8 @@ pub struct Probe {
     pub measure: bool,
     /// Every parameter's and gradient's values, for histograms.
     pub histograms: bool,
+    /// The per-layer statistics of [`crate::diagnostics::layer_stats`].
+    pub diagnostics: bool,
 }
 
 /// The forward and backward pass of one batch.
@@ -26,15 +28,19 @@ pub struct Gradients {
     pub logits: Tensor,
     /// Absent when the loss is not finite (nothing to differentiate).
     pub grads: Option<GradStore>,
+    /// The layers' insides, when asked for.
+    pub trace: Option<Trace>,
 }
 
-/// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward.
+/// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
+/// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
 pub fn forward_backward(
     model: &Mlp,
     (x, y): (&Tensor, &Tensor),
     dropout_rng: &mut Rng,
+    trace: bool,
 ) -> anyhow::Result<Gradients> {
-    let logits = model.forward(x, Some(dropout_rng))?;
+    let (logits, trace) = model.forward_traced(x, Some(dropout_rng), trace)?;
     let loss = candle_nn::loss::cross_entropy(&logits, y)?;
     let loss_value = loss.to_scalar::<f32>()? as f64;
     let grads = loss_value
@@ -45,6 +51,7 @@ pub fn forward_backward(
         loss: loss_value,
         logits,
         grads,
+        trace,
     })
 }
 
@@ -124,11 +131,14 @@ pub fn train_step(
     record: &mut Record,
     probe: Probe,
 ) -> anyhow::Result<f64> {
-    let g = forward_backward(model, batch, dropout_rng)?;
+    let g = forward_backward(model, batch, dropout_rng, probe.diagnostics)?;
     if probe.measure {
         record_batch(record, &g, batch.1, lr)?;
     }
     if let Some(grads) = &g.grads {
+        if let Some(trace) = &g.trace {
+            layer_stats(model.params(), trace, grads, model.activation(), record)?;
+        }
         apply_update(model, optimizer, grads, lr, record, probe)?;
     }
     Ok(g.loss)
