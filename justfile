@@ -30,3 +30,16 @@ rescue-demo:
     cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars --set optimizer.clip=true
     cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.lr=0.3
     cargo run --release -- train --config experiments/rescue-after-divergence.toml --name lars-from-start --set optimizer.kind=lars
+
+# The isometry grid of experiments/isometry-probe.toml: tanh+orthogonal, tanh+Gaussian, ReLU+Gaussian at depths 8, 32, 64
+isometry:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for depth in 8 32 64; do
+      hidden="[$(printf '256,%.0s' $(seq $depth) | sed 's/,$//')]"
+      for variant in "tanh orthogonal" "tanh xavier_normal" "relu he_normal"; do
+        set -- $variant
+        cargo run --release -q -- probe --config experiments/isometry-probe.toml --name "$1-$2-$depth" \
+          --set model.activation=$1 --set model.init=$2 --set "model.hidden=$hidden" | tail -2 | head -1
+      done
+    done

@@ -168,13 +168,15 @@ fn std_all(t: &Tensor) -> Result<Tensor> {
 /// one pass over the matrix suffices, however wide the layer. All-zero rows
 /// count as orthogonal to everything.
 pub fn symmetry(w: &Tensor) -> Result<Tensor> {
+    // In f64: identical rows must give 1 to the last digit of an f32.
+    let w = &w.to_dtype(DType::F64)?;
     let n = w.dim(0)? as f64;
     let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let safe = norms.maximum(f32::MIN_POSITIVE)?;
+    let safe = norms.maximum(f64::MIN_POSITIVE)?;
     let units = w.broadcast_div(&safe)?;
     let s = units.sum(0)?;
     let self_terms = units.sqr()?.sum_all()?;
-    (s.sqr()?.sum_all()? - self_terms)? / (n * (n - 1.0))
+    ((s.sqr()?.sum_all()? - self_terms)? / (n * (n - 1.0)))?.to_dtype(DType::F32)
 }
 
 /// Largest singular value and condition number (largest / smallest) of every
