@@ -43,3 +43,7 @@ isometry:
           --set model.activation=$1 --set model.init=$2 --set "model.hidden=$hidden" | tail -2 | head -1
       done
     done
+
+# Fuzz the IDX parser (needs `cargo install cargo-fuzz` and a nightly toolchain)
+fuzz-idx seconds="60":
+    cargo +nightly fuzz run idx -- -max_total_time={{seconds}}

@@ -21,10 +21,40 @@ pub enum Command {
     Train(TrainArgs),
     /// Continue a diverged run from its last checkpoint before the divergence, with changed settings.
     Rescue(RescueArgs),
+    /// Write a data set as IDX files.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Measure a model at initialisation: per-layer variances, Jacobian spectrum (writes probe.json).
     Probe(ProbeArgs),
     /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Procedurally drawn MNIST-like digits: train-{images,labels} and t10k-{images,labels} IDX files.
+    MnistLike(MnistLikeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MnistLikeArgs {
+    /// The directory to write the four IDX files into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Training digits.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub n: u64,
+    /// Test digits (the t10k files), drawn after the training ones.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub test_n: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Gzip the files (`.gz`), as MNIST is distributed.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Also write a PNG grid of the first 100 training digits.
+    #[arg(long, value_name = "FILE")]
+    pub preview: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -2,8 +2,9 @@
 
 use crate::bench;
 use crate::checkpoint;
-use crate::cli::{BenchArgs, Format, ProbeArgs, RescueArgs, RunArgs, TrainArgs};
+use crate::cli::{BenchArgs, DataCommand, Format, ProbeArgs, RescueArgs, RunArgs, TrainArgs};
 use crate::config::{Config, DivergenceAction, OptimizerKind};
+use crate::data::{idx, mnist_like};
 use crate::error::UserError;
 use crate::interrupt;
 use crate::probe;
@@ -209,14 +210,53 @@ fn report(run_dir: &RunDir, summary: &Summary) {
             }
         )
     });
+    let test = summary.test_accuracy.map_or(String::new(), |a| {
+        format!(", test accuracy {}", percent(Some(a)))
+    });
     println!(
-        "{}: {outcome}, final val accuracy {} (best {}){rescue}, {:.1} s, {:.0} samples/s",
+        "{}: {outcome}, final val accuracy {} (best {}){test}{rescue}, {:.1} s, {:.0} samples/s",
         run_dir.path().display(),
         percent(summary.final_val_accuracy),
         percent(summary.best_val_accuracy),
         summary.wall_seconds,
         summary.samples_per_second,
     );
+}
+
+pub fn data(command: &DataCommand) -> anyhow::Result<()> {
+    let DataCommand::MnistLike(args) = command;
+    let (n, test_n) = (args.n as usize, args.test_n as usize);
+    let digits = mnist_like::generate(n + test_n, args.seed);
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| UserError::data(&args.out, format!("cannot create: {e}")))?;
+    let side = mnist_like::SIDE;
+    let pixels = side * side;
+    let ext = if args.gzip { ".gz" } else { "" };
+    for (prefix, range) in [("train", 0..n), ("t10k", n..n + test_n)] {
+        if range.is_empty() {
+            continue;
+        }
+        let count = range.len();
+        let images = &digits.images[range.start * pixels..range.end * pixels];
+        let labels = &digits.labels[range.clone()];
+        let image_path = args.out.join(format!("{prefix}-images-idx3-ubyte{ext}"));
+        let label_path = args.out.join(format!("{prefix}-labels-idx1-ubyte{ext}"));
+        idx::write_u8(&image_path, &[count, side, side], images, args.gzip)
+            .map_err(|e| UserError::data(&image_path, format!("cannot write: {e}")))?;
+        idx::write_u8(&label_path, &[count], labels, args.gzip)
+            .map_err(|e| UserError::data(&label_path, format!("cannot write: {e}")))?;
+        println!(
+            "{} ({count} digits), {}",
+            image_path.display(),
+            label_path.display()
+        );
+    }
+    if let Some(path) = &args.preview {
+        mnist_like::write_preview(&digits, 100, 10, 3, path)
+            .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {

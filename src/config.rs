@@ -71,6 +71,20 @@ pub struct DataConfig {
     /// `idx`: the matching IDX label file (idx1), raw or gzip.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,
+    /// `idx`: a directory holding `<prefix>-images-idx3-ubyte[.gz]` and
+    /// `<prefix>-labels-idx1-ubyte[.gz]`, instead of `images` and `labels`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// `idx` with `dir`: the files' prefix (`train`, `t10k`).
+    pub prefix: String,
+    /// Optional test split, evaluated once at the end: an IDX image file…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_images: Option<PathBuf>,
+    /// …and its label file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_labels: Option<PathBuf>,
+    /// `mnist-like`: digits drawn for a test split evaluated at the end (0: none).
+    pub n_test: usize,
     /// Synthetic data: how many samples to draw (validation included).
     pub n_train: usize,
     /// Share of the samples held out for validation, 0 ≤ f < 1 (0: no validation).
@@ -100,6 +114,9 @@ pub enum DataKind {
     Blobs,
     /// An IDX image file and label file (MNIST and its cousins).
     Idx,
+    /// Procedurally drawn handwritten digits, 28×28 u8 (built in, nothing downloaded).
+    #[serde(rename = "mnist-like")]
+    MnistLike,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +387,11 @@ impl Default for DataConfig {
             kind: DataKind::Teacher,
             images: None,
             labels: None,
+            dir: None,
+            prefix: "train".into(),
+            test_images: None,
+            test_labels: None,
+            n_test: 0,
             n_train: 10_000,
             val_fraction: 0.1,
             batch_size: 128,
@@ -539,18 +561,20 @@ impl Config {
             "name",
             "must be a plain file name (no path separators)",
         )?;
-        if d.kind == DataKind::Idx {
-            check(
-                d.images.is_some(),
-                "data.images",
-                "is required when data.kind = \"idx\"",
-            )?;
-            check(
-                d.labels.is_some(),
-                "data.labels",
-                "is required when data.kind = \"idx\"",
-            )?;
+        if d.kind == DataKind::Idx && d.dir.is_none() {
+            let needed = "is required when data.kind = \"idx\" (or give data.dir)";
+            check(d.images.is_some(), "data.images", needed)?;
+            check(d.labels.is_some(), "data.labels", needed)?;
         }
+        check(
+            d.test_images.is_some() == d.test_labels.is_some(),
+            if d.test_images.is_some() {
+                "data.test_labels"
+            } else {
+                "data.test_images"
+            },
+            "test_images and test_labels go together",
+        )?;
         check(d.n_train >= 2, "data.n_train", "must be at least 2")?;
         check(
             (0.0..1.0).contains(&d.val_fraction),
@@ -693,6 +717,9 @@ impl Config {
         for path in [
             &mut self.data.images,
             &mut self.data.labels,
+            &mut self.data.dir,
+            &mut self.data.test_images,
+            &mut self.data.test_labels,
             &mut self.model.init_from,
         ]
         .into_iter()

@@ -35,6 +35,8 @@ fn args<'a>(name: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "--set",
         "data.n_train=2000",
         "--set",
+        "data.kind=teacher",
+        "--set",
         "model.hidden=[32,32]",
         "--set",
         "model.dropout=0.2",

@@ -1,9 +1,10 @@
 //! Data sets, the train/validation split, and the seeded batch order.
 
 pub mod idx;
+pub mod mnist_like;
 pub mod synthetic;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -76,6 +77,8 @@ pub struct Splits {
     pub train: Dataset,
     /// Absent when `data.val_fraction = 0`.
     pub val: Option<Dataset>,
+    /// Evaluated once at the end: `data.test_images`/`test_labels`, or `data.n_test` generated digits.
+    pub test: Option<Dataset>,
     /// Max label + 1 over all samples.
     pub classes: usize,
 }
@@ -83,13 +86,24 @@ pub struct Splits {
 /// Builds the run's data as its config describes.
 pub fn load(config: &Config) -> Result<Splits, UserError> {
     let d = &config.data;
-    let (all, pixels) = match d.kind {
-        DataKind::Teacher => (synthetic::teacher(d, config.seed), false),
-        DataKind::Blobs => (synthetic::blobs(d, config.seed), false),
+    let (all, pixels, test) = match d.kind {
+        DataKind::Teacher => (synthetic::teacher(d, config.seed), false, None),
+        DataKind::Blobs => (synthetic::blobs(d, config.seed), false, None),
         DataKind::Idx => {
-            let images = d.images.as_deref().expect("validated: idx has data.images");
-            let labels = d.labels.as_deref().expect("validated: idx has data.labels");
-            load_idx_pair(images, labels)?
+            let (images, labels) = idx_files(d)?;
+            let (all, pixels) = load_idx_pair(&images, &labels)?;
+            let test = match (&d.test_images, &d.test_labels) {
+                (Some(images), Some(labels)) => Some(load_idx_pair(images, labels)?.0),
+                _ => None,
+            };
+            (all, pixels, test)
+        }
+        DataKind::MnistLike => {
+            let generated = generated_digits(d.n_train + d.n_test, config.seed);
+            let all = generated.select(&(0..d.n_train).collect::<Vec<_>>());
+            let test = (d.n_test > 0)
+                .then(|| generated.select(&(d.n_train..d.n_train + d.n_test).collect::<Vec<_>>()));
+            (all, true, test)
         }
     };
     let classes = all.labels.iter().max().map_or(0, |&m| m as usize + 1);
@@ -99,13 +113,75 @@ pub fn load(config: &Config) -> Result<Splits, UserError> {
             format!("the labels hold {classes} class(es); training needs at least 2"),
         ));
     }
+    if let Some(test) = &test {
+        if test.sample_shape != all.sample_shape {
+            return Err(UserError::key(
+                "data.test_images",
+                format!(
+                    "samples of shape {:?}, the training data's are {:?}",
+                    test.sample_shape, all.sample_shape
+                ),
+            ));
+        }
+        if let Some(&label) = test.labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(UserError::key(
+                "data.test_labels",
+                format!("holds label {label}, but the training labels have {classes} classes"),
+            ));
+        }
+    }
     let (mut train, mut val) = split(all, d.val_fraction, d.shuffle, config.seed)?;
-    normalize(d.normalize, pixels, &mut train, val.as_mut());
+    let mut test = test;
+    normalize(
+        d.normalize,
+        pixels,
+        &mut train,
+        val.iter_mut().chain(test.iter_mut()),
+    );
     Ok(Splits {
         train,
         val,
+        test,
         classes,
     })
+}
+
+/// The image and label files of an `idx` config: explicit, or found in `data.dir` by prefix.
+fn idx_files(d: &crate::config::DataConfig) -> Result<(PathBuf, PathBuf), UserError> {
+    if let (Some(images), Some(labels)) = (&d.images, &d.labels) {
+        return Ok((images.clone(), labels.clone()));
+    }
+    let dir = d
+        .dir
+        .as_deref()
+        .expect("validated: idx has data.images or data.dir");
+    let find = |kind: &str| {
+        let base = format!("{}-{kind}", d.prefix);
+        [base.clone(), format!("{base}.gz")]
+            .into_iter()
+            .map(|name| dir.join(name))
+            .find(|path| path.is_file())
+            .ok_or_else(|| {
+                UserError::data(
+                    dir,
+                    format!(
+                        "holds no {base} or {base}.gz (data.prefix = {:?})",
+                        d.prefix
+                    ),
+                )
+            })
+    };
+    Ok((find("images-idx3-ubyte")?, find("labels-idx1-ubyte")?))
+}
+
+/// `n` generated MNIST-like digits, 28×28 u8 grey levels as f32.
+pub fn generated_digits(n: usize, seed: u64) -> Dataset {
+    let digits = mnist_like::generate(n, seed);
+    Dataset {
+        inputs: digits.images.iter().map(|&b| b as f32).collect(),
+        labels: digits.labels.iter().map(|&l| l as u32).collect(),
+        sample_shape: vec![mnist_like::SIDE, mnist_like::SIDE],
+    }
 }
 
 /// Reads an image file and its label file; `true` when the images are u8 grey levels.
@@ -113,11 +189,24 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), Us
     let image_array = idx::read(images)?;
     let label_array = idx::read(labels)?;
     let n = image_array.dims[0];
+    if image_array.dims.len() < 2 {
+        return Err(UserError::data(
+            images,
+            format!(
+                "holds a 1-dimensional array {:?}: a label file? images are [n, rows, cols] or [n, features]",
+                image_array.dims
+            ),
+        ));
+    }
+    if n == 0 {
+        return Err(UserError::data(images, "holds no images"));
+    }
     if label_array.dims.len() != 1 {
         return Err(UserError::data(
             labels,
             format!(
-                "a label file holds one dimension, this one {:?}",
+                "holds a {}-dimensional array {:?}: an image file? labels are one dimension [n]",
+                label_array.dims.len(),
                 label_array.dims
             ),
         ));
@@ -142,11 +231,7 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), Us
         }
         label_values.push(v as u32);
     }
-    let sample_shape = if image_array.dims.len() == 1 {
-        vec![1]
-    } else {
-        image_array.dims[1..].to_vec()
-    };
+    let sample_shape = image_array.dims[1..].to_vec();
     let pixels = image_array.dtype == idx::IdxType::U8;
     let dataset = Dataset {
         inputs: image_array.values,
@@ -186,10 +271,17 @@ fn split(
     Ok((all.select(train_idx), Some(all.select(val_idx))))
 }
 
-fn normalize(how: Normalize, pixels: bool, train: &mut Dataset, val: Option<&mut Dataset>) {
+/// Scales the training split and the `others` (validation, test) alike;
+/// `standard` takes its moments from the training split only.
+fn normalize<'a>(
+    how: Normalize,
+    pixels: bool,
+    train: &mut Dataset,
+    others: impl Iterator<Item = &'a mut Dataset>,
+) {
     let moments = (how == Normalize::Standard).then(|| feature_moments(train));
     let splits =
-        std::iter::once(train.inputs.as_mut_slice()).chain(val.map(|v| v.inputs.as_mut_slice()));
+        std::iter::once(train.inputs.as_mut_slice()).chain(others.map(|v| v.inputs.as_mut_slice()));
     match how {
         Normalize::None => {}
         Normalize::Unit => {
@@ -371,7 +463,12 @@ mod tests {
     fn standard_normalisation_uses_the_training_split() {
         let mut train = toy(4);
         let mut val = toy(2);
-        normalize(Normalize::Standard, false, &mut train, Some(&mut val));
+        normalize(
+            Normalize::Standard,
+            false,
+            &mut train,
+            std::iter::once(&mut val),
+        );
         let (mean, std) = feature_moments(&train);
         assert!(mean.iter().all(|m| m.abs() < 1e-6), "{mean:?}");
         assert!(std.iter().all(|s| (s - 1.0).abs() < 1e-6), "{std:?}");

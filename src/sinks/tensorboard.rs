@@ -49,7 +49,15 @@ const HEADLINE: &[&str] = &[
 ];
 
 /// Config keys that are not settings worth comparing (paths, the name).
-const NOT_HPARAMS: &[&str] = &["name", "data.images", "data.labels", "model.init_from"];
+const NOT_HPARAMS: &[&str] = &[
+    "name",
+    "data.images",
+    "data.labels",
+    "data.dir",
+    "data.test_images",
+    "data.test_labels",
+    "model.init_from",
+];
 
 pub struct TensorBoardSink {
     writer: EventWriter,

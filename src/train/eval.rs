@@ -21,7 +21,29 @@ pub struct BestSoFar {
     pub accuracy_step: Option<u64>,
 }
 
-/// Mean loss and accuracy of the model on the validation split, added to `record`.
+/// Mean loss and accuracy of the model on a whole split.
+pub fn loss_and_accuracy(
+    model: &Mlp,
+    data: &Dataset,
+    device: &Device,
+) -> anyhow::Result<(f64, f64)> {
+    let mut loss_sum = 0.0;
+    let mut hits = 0;
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(EVAL_CHUNK) {
+        let (x, y) = data.batch(chunk, device)?;
+        let logits = model.forward(&x, None)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
+        loss_sum += loss * chunk.len() as f64;
+        hits += correct(&logits, &y)?;
+    }
+    Ok((
+        loss_sum / data.len() as f64,
+        hits as f64 / data.len() as f64,
+    ))
+}
+
+/// Validation loss and accuracy, added to `record` and to the best figures.
 pub fn evaluate(
     model: &Mlp,
     val: Option<&Dataset>,
@@ -32,18 +54,7 @@ pub fn evaluate(
     let Some(val) = val else {
         return Ok(());
     };
-    let mut loss_sum = 0.0;
-    let mut hits = 0;
-    let indices: Vec<usize> = (0..val.len()).collect();
-    for chunk in indices.chunks(EVAL_CHUNK) {
-        let (x, y) = val.batch(chunk, device)?;
-        let logits = model.forward(&x, None)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
-        loss_sum += loss * chunk.len() as f64;
-        hits += correct(&logits, &y)?;
-    }
-    let loss = loss_sum / val.len() as f64;
-    let accuracy = hits as f64 / val.len() as f64;
+    let (loss, accuracy) = loss_and_accuracy(model, val, device)?;
     record.push("loss/val", loss);
     record.push("accuracy/val", accuracy);
     best.last_loss = Some(loss).filter(|l| l.is_finite());

@@ -36,7 +36,7 @@ use crate::sinks::console::Console;
 use crate::sinks::jsonl::JsonlSink;
 use crate::sinks::tensorboard::TensorBoardSink;
 use crate::sinks::{Record, Sinks};
-use eval::{BestSoFar, evaluate};
+use eval::{BestSoFar, evaluate, loss_and_accuracy};
 use step::{Probe, apply_update, forward_backward, global_grad_norm, record_batch};
 
 /// How a run ended.
@@ -87,6 +87,9 @@ pub struct Summary {
     pub best_val_loss: Option<f64>,
     pub best_val_accuracy: Option<f64>,
     pub best_val_accuracy_step: Option<u64>,
+    /// On the test split (`data.test_images`, or `data.n_test` generated digits), once at the end.
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     pub wall_seconds: f64,
     pub samples_per_second: f64,
     pub parameters: usize,
@@ -426,6 +429,7 @@ impl Trainer {
         }
         let train_seconds = train_clock.elapsed().as_secs_f64();
 
+        let mut test = None;
         if status == Status::Finished {
             let mut record = Record::new(self.step);
             evaluate(
@@ -435,6 +439,12 @@ impl Trainer {
                 &mut record,
                 &mut self.best,
             )?;
+            if let Some(data) = &self.data.test {
+                let (loss, accuracy) = loss_and_accuracy(&self.model, data, &self.device)?;
+                record.push("loss/test", loss);
+                record.push("accuracy/test", accuracy);
+                test = Some((loss, accuracy));
+            }
             if !record.is_empty() {
                 sinks.write(&record)?;
             }
@@ -448,7 +458,7 @@ impl Trainer {
             Status::Interrupted => sinks.flush()?,
             _ => sinks.finish(status == Status::Diverged)?,
         }
-        let summary = self.summary(status, started, train_seconds);
+        let summary = self.summary(status, started, train_seconds, test);
         run_dir.write_json(run_dir::SUMMARY, &summary)?;
         Ok(summary)
     }
@@ -500,7 +510,13 @@ impl Trainer {
             .sum()
     }
 
-    fn summary(&self, status: Status, started: Instant, train_seconds: f64) -> Summary {
+    fn summary(
+        &self,
+        status: Status,
+        started: Instant,
+        train_seconds: f64,
+        test: Option<(f64, f64)>,
+    ) -> Summary {
         let batch_size = self.batcher.batch_size();
         let done = self.step - self.start_step;
         Summary {
@@ -518,6 +534,8 @@ impl Trainer {
             best_val_loss: self.best.loss,
             best_val_accuracy: self.best.accuracy,
             best_val_accuracy_step: self.best.accuracy_step,
+            test_loss: test.map(|t| t.0),
+            test_accuracy: test.map(|t| t.1),
             wall_seconds: started.elapsed().as_secs_f64(),
             samples_per_second: done as f64 * batch_size as f64 / train_seconds.max(1e-9),
             parameters: self.parameters(),
