@@ -347,7 +347,11 @@ mod tests {
         write_u8(&gz_path, &[3, 4, 5], &good[16..], true).unwrap();
         let good_gz = std::fs::read(&gz_path).unwrap();
         for round in 0..3000 {
-            let mut bytes = if round % 2 == 0 { good.clone() } else { good_gz.clone() };
+            let mut bytes = if round % 2 == 0 {
+                good.clone()
+            } else {
+                good_gz.clone()
+            };
             for _ in 0..rng.random_range(1..4) {
                 match rng.random_range(0..4) {
                     0 if !bytes.is_empty() => {
