@@ -64,6 +64,9 @@ pub struct ProbeArgs {
     /// Inputs the Jacobian is taken at (its singular values are pooled over them).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub inputs: u64,
+    /// Also draw the per-layer spreads and the singular-value histogram into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ use crate::config::{Config, DivergenceAction, OptimizerKind};
 use crate::data::{idx, mnist_like};
 use crate::error::UserError;
 use crate::interrupt;
+use crate::plot;
 use crate::probe;
 use crate::run_dir::{self, RunDir};
 use crate::train::{RunOptions, Status, Summary, Trainer, healthy_checkpoint};
@@ -267,6 +268,11 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
     run_dir.write_json("probe.json", &report)?;
     print!("{}", probe::table(&report));
     println!("{}", run_dir.file("probe.json").display());
+    if let Some(path) = &args.plot {
+        plot::probe_figure(&report, &config.name, path)
+            .map_err(|e| UserError::data(path, format!("cannot draw the figure: {e}")))?;
+        println!("{}", path.display());
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod interrupt;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod probe;
 pub mod rng;
 pub mod run_dir;

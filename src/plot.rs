@@ -1,0 +1,173 @@
+//! PNG figures (plotters, bitmap backend). The font is bundled (DejaVu Sans,
+//! assets/fonts) so that drawing text needs nothing from the system.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::probe::ProbeReport;
+
+const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bundled font always parses; were it not to, text would be missing, not a crash.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn to_io<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// The probe's figure: per-layer spreads of the forward signal and of the
+/// back-propagated gradient (log scale), and the histogram of the Jacobian's
+/// singular values.
+pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::Result<()> {
+    register_font();
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(to_io)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(to_io)?;
+    let (left, right) = root.split_horizontally(600);
+
+    let layers = report.layers.len();
+    let series: [(&str, Vec<(usize, f64)>, RGBColor); 2] = [
+        (
+            "act_std",
+            report
+                .layers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.act_std.map(|v| (i + 1, v)))
+                .collect(),
+            BLUE,
+        ),
+        (
+            "preact_grad_std",
+            report
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i + 1, l.preact_grad_std))
+                .collect(),
+            RED,
+        ),
+    ];
+    let positive = series
+        .iter()
+        .flat_map(|(_, points, _)| points.iter().map(|p| p.1))
+        .filter(|v| *v > 0.0 && v.is_finite());
+    let (lo, hi) = positive.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo <= hi {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (1e-6, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&left)
+        .caption("per-layer spread at initialisation", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(1usize..layers.max(2), (lo..hi).log_scale())
+        .map_err(to_io)?;
+    chart
+        .configure_mesh()
+        .x_desc("layer i (fc_i)")
+        .y_desc("standard deviation")
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .draw()
+        .map_err(to_io)?;
+    for (name, points, color) in series {
+        let points: Vec<(usize, f64)> = points.into_iter().filter(|p| p.1 > 0.0).collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(to_io)?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(to_io)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(to_io)?;
+
+    match &report.jacobian {
+        Some(j) => {
+            // On a log scale: the spread across orders of magnitude is the point.
+            let logs: Vec<f64> = j
+                .singular_values
+                .iter()
+                .filter(|&&v| v > 0.0)
+                .map(|v| v.log10())
+                .collect();
+            let zeros = j.singular_values.len() - logs.len();
+            let (lo, hi) = logs
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let (lo, hi) = if lo <= hi {
+                (lo, hi.max(lo + 1e-9))
+            } else {
+                (-1.0, 1.0)
+            };
+            let bins = 40usize;
+            let width = (hi - lo) / bins as f64;
+            let mut counts = vec![0u32; bins];
+            for v in &logs {
+                counts[(((v - lo) / width) as usize).min(bins - 1)] += 1;
+            }
+            let top = counts.iter().copied().max().unwrap_or(1);
+            let caption = format!(
+                "singular values of J = ∂{}{}",
+                j.of.replace(" wrt ", "/∂"),
+                if zeros > 0 {
+                    format!(" ({zeros} zero)")
+                } else {
+                    String::new()
+                }
+            );
+            let mut chart = ChartBuilder::on(&right)
+                .caption(caption, ("sans-serif", 18))
+                .margin(15)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(lo..hi + width, 0u32..top + top / 10 + 1)
+                .map_err(to_io)?;
+            chart
+                .configure_mesh()
+                .x_desc("log10 singular value")
+                .y_desc("count")
+                .draw()
+                .map_err(to_io)?;
+            chart
+                .draw_series(counts.iter().enumerate().map(|(b, &c)| {
+                    let x0 = lo + b as f64 * width;
+                    Rectangle::new([(x0, 0), (x0 + width, c)], BLUE.mix(0.6).filled())
+                }))
+                .map_err(to_io)?;
+        }
+        None => {
+            right
+                .draw(&Text::new(
+                    "Jacobian: needs two hidden layers",
+                    (150, 200),
+                    ("sans-serif", 18),
+                ))
+                .map_err(to_io)?;
+        }
+    }
+    root.present().map_err(to_io)
+}
