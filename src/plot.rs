@@ -19,6 +19,9 @@ fn register_font() {
     });
 }
 
+/// A named line of (layer, value) points in one colour.
+type Series = (&'static str, Vec<(usize, f64)>, RGBColor);
+
 fn to_io<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -34,7 +37,7 @@ pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::
     let (left, right) = root.split_horizontally(600);
 
     let layers = report.layers.len();
-    let series: [(&str, Vec<(usize, f64)>, RGBColor); 2] = [
+    let series: [Series; 2] = [
         (
             "act_std",
             report
