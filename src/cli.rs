@@ -21,6 +21,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Continue a diverged run from its last checkpoint before the divergence, with changed settings.
     Rescue(RescueArgs),
+    /// Finished runs side by side: the settings that differ and the summary figures.
+    Compare(CompareArgs),
     /// Write a data set as IDX files.
     #[command(subcommand)]
     Data(DataCommand),
@@ -28,6 +30,32 @@ pub enum Command {
     Probe(ProbeArgs),
     /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompareFormat {
+    Table,
+    Md,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Run directories, or directories of runs (a sweep, `runs/`).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value_t = CompareFormat::Table)]
+    pub format: CompareFormat,
+    /// Sort by this column (numbers descending, text ascending).
+    #[arg(long)]
+    pub sort: Option<String>,
+    /// One row per configuration, mean ± std over its seeds.
+    #[arg(long)]
+    pub group_seeds: bool,
+    /// The validation accuracy `steps_to_target` counts the steps to.
+    #[arg(long, default_value_t = 0.9)]
+    pub target: f64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,7 +2,11 @@
 
 use crate::bench;
 use crate::checkpoint;
-use crate::cli::{BenchArgs, DataCommand, Format, ProbeArgs, RescueArgs, RunArgs, TrainArgs};
+use crate::cli::{
+    BenchArgs, CompareArgs, CompareFormat, DataCommand, Format, ProbeArgs, RescueArgs, RunArgs,
+    TrainArgs,
+};
+use crate::compare;
 use crate::config::{Config, DivergenceAction, OptimizerKind};
 use crate::data::{idx, mnist_like};
 use crate::error::UserError;
@@ -257,6 +261,21 @@ pub fn data(command: &DataCommand) -> anyhow::Result<()> {
             .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
         println!("{}", path.display());
     }
+    Ok(())
+}
+
+pub fn compare(args: &CompareArgs) -> anyhow::Result<()> {
+    let runs = compare::collect(&args.paths, args.target)?;
+    let table = compare::table(&runs, args.group_seeds, args.sort.as_deref())?;
+    print!(
+        "{}",
+        match args.format {
+            CompareFormat::Table => compare::render_text(&table),
+            CompareFormat::Md => compare::render_markdown(&table),
+            CompareFormat::Csv => compare::render_csv(&table),
+            CompareFormat::Json => compare::render_json(&table),
+        }
+    );
     Ok(())
 }
 

@@ -40,9 +40,10 @@ use eval::{BestSoFar, evaluate, loss_and_accuracy};
 use step::{Probe, apply_update, forward_backward, global_grad_norm, record_batch};
 
 /// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    #[default]
     Finished,
     Diverged,
     Interrupted,
@@ -65,8 +66,10 @@ pub struct Rescue {
     pub recovered: bool,
 }
 
-/// What a run reports in `summary.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a run reports in `summary.json`. Fields missing from an older
+/// summary read as their defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Summary {
     pub name: String,
     pub status: Status,
