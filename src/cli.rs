@@ -21,6 +21,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Continue a diverged run from its last checkpoint before the divergence, with changed settings.
     Rescue(RescueArgs),
+    /// The cartesian product of a grid, each point a run, N at a time (or a Slurm job array).
+    Sweep(SweepArgs),
     /// Finished runs side by side: the settings that differ and the summary figures.
     Compare(CompareArgs),
     /// Write a data set as IDX files.
@@ -30,6 +32,54 @@ pub enum Command {
     Probe(ProbeArgs),
     /// Time the training step of fixed cases, SGD and LARS, measurements on and off.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    Slurm,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// The experiment's TOML file (its `[sweep]` table adds grid keys and seeds).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override a config key for every run: --set train.steps=500
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// A grid axis: KEY=V1,V2,... (TOML values; bare words are strings).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,...")]
+    pub grid: Vec<String>,
+    /// Seeds every grid point runs with: 0,1,2
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<u64>>,
+    /// Runs at a time (default: the [sweep] table's, else one per two cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// The directory that holds the sweep directory.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    pub out: PathBuf,
+    /// The sweep directory's name (default: the config's name + "-sweep").
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run only the run with this index (a Slurm array task).
+    #[arg(long, value_name = "INDEX")]
+    pub only: Option<usize>,
+    /// Write a job script instead of running: `--emit slurm` writes DIR/sweep.sbatch.
+    #[arg(long, value_enum)]
+    pub emit: Option<Emit>,
+    #[arg(long, default_value = "01:00:00")]
+    pub slurm_time: String,
+    #[arg(long, default_value_t = 2)]
+    pub slurm_cpus: usize,
+    #[arg(long)]
+    pub slurm_partition: Option<String>,
+    /// An extra `#SBATCH` line, e.g. --slurm-line '--mem=8G'
+    #[arg(long = "slurm-line")]
+    pub slurm_lines: Vec<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

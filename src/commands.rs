@@ -3,8 +3,8 @@
 use crate::bench;
 use crate::checkpoint;
 use crate::cli::{
-    BenchArgs, CompareArgs, CompareFormat, DataCommand, Format, ProbeArgs, RescueArgs, RunArgs,
-    TrainArgs,
+    BenchArgs, CompareArgs, CompareFormat, DataCommand, Emit, Format, ProbeArgs, RescueArgs,
+    RunArgs, SweepArgs, TrainArgs,
 };
 use crate::compare;
 use crate::config::{Config, DivergenceAction, OptimizerKind};
@@ -14,6 +14,7 @@ use crate::interrupt;
 use crate::plot;
 use crate::probe;
 use crate::run_dir::{self, RunDir};
+use crate::sweep::{SlurmOptions, Sweep, slurm_script};
 use crate::train::{RunOptions, Status, Summary, Trainer, healthy_checkpoint};
 
 /// Loads the config a command's run arguments describe.
@@ -260,6 +261,78 @@ pub fn data(command: &DataCommand) -> anyhow::Result<()> {
         mnist_like::write_preview(&digits, 100, 10, 3, path)
             .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
+    let mut sweep = Sweep::plan(
+        args.config.as_deref(),
+        &args.overrides,
+        &args.grid,
+        args.seeds.as_deref(),
+        &args.out,
+        args.name.as_deref(),
+    )?;
+    if args.emit == Some(Emit::Slurm) {
+        sweep.write_json()?;
+        let mut forwarded = Vec::new();
+        if let Some(config) = &args.config {
+            forwarded.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        for o in &args.overrides {
+            forwarded.extend(["--set".to_string(), o.clone()]);
+        }
+        for g in &args.grid {
+            forwarded.extend(["--grid".to_string(), g.clone()]);
+        }
+        let seeds: Vec<String> = sweep.seeds.iter().map(u64::to_string).collect();
+        forwarded.extend(["--seeds".to_string(), seeds.join(",")]);
+        forwarded.extend(["--out".to_string(), args.out.display().to_string()]);
+        forwarded.extend(["--name".to_string(), sweep.name.clone()]);
+        let options = SlurmOptions {
+            time: args.slurm_time.clone(),
+            cpus: args.slurm_cpus,
+            partition: args.slurm_partition.clone(),
+            extra: args.slurm_lines.clone(),
+        };
+        let path = sweep.dir.join("sweep.sbatch");
+        crate::fsutil::atomic_write(&path, slurm_script(&sweep, &forwarded, &options).as_bytes())?;
+        println!(
+            "{} ({} array tasks): sbatch {}",
+            path.display(),
+            sweep.runs.len(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let base_jobs = sweep
+        .runs
+        .iter()
+        .find_map(|r| r.config.as_ref().ok())
+        .map_or(0, |c| c.sweep.jobs);
+    let jobs = args.jobs.unwrap_or(if base_jobs > 0 {
+        base_jobs
+    } else {
+        (cores / 2).max(1)
+    });
+    sweep.execute(jobs, args.only, args.quiet)?;
+    let failures = sweep.failures();
+    for run in &failures {
+        eprintln!(
+            "failed: {}: {}",
+            run.name,
+            run.error.as_deref().unwrap_or("?")
+        );
+    }
+    println!("{}: {} runs", sweep.dir.display(), sweep.runs.len());
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} of {} runs failed (see above and sweep.json)",
+            failures.len(),
+            sweep.runs.len()
+        );
     }
     Ok(())
 }

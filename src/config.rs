@@ -29,6 +29,19 @@ pub struct Config {
     pub log: LogConfig,
     pub diagnostics: DiagnosticsConfig,
     pub divergence: DivergenceConfig,
+    pub sweep: SweepConfig,
+}
+
+/// `larslab sweep`'s grid, when it comes from the file (the command line adds to it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Dotted key to the list of values it takes, e.g. `"optimizer.lr" = [0.1, 0.5]`.
+    pub grid: toml::Table,
+    /// Seeds every grid point is run with (empty: the config's `seed`).
+    pub seeds: Vec<u64>,
+    /// Runs at a time (0: one per two cores).
+    pub jobs: usize,
 }
 
 /// Measurements inside the layers (activations, back-propagated gradients, symmetry, spectra).
@@ -349,6 +362,9 @@ impl Default for DivergenceConfig {
 pub struct LogConfig {
     /// Write TensorBoard event files into the run directory.
     pub tensorboard: bool,
+    /// Declare the HParams experiment in the run's event file (a sweep turns
+    /// this off in its runs and declares it once for the whole sweep).
+    pub hparams_experiment: bool,
     /// TensorBoard histograms of every parameter and its gradient every this
     /// many steps; 0 is off.
     pub histogram_every: u64,
@@ -358,6 +374,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             tensorboard: true,
+            hparams_experiment: true,
             histogram_every: 100,
         }
     }
@@ -377,6 +394,7 @@ impl Default for Config {
             log: LogConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
             divergence: DivergenceConfig::default(),
+            sweep: SweepConfig::default(),
         }
     }
 }
@@ -704,6 +722,7 @@ impl Config {
         if let Some(toml::Value::Table(divergence)) = table.get_mut("divergence") {
             divergence.remove("rescue");
         }
+        table.remove("sweep");
         let mut out = Vec::new();
         flatten_table("", &table, &mut out);
         out

@@ -23,5 +23,6 @@ pub mod probe;
 pub mod rng;
 pub mod run_dir;
 pub mod sinks;
+pub mod sweep;
 pub mod tensorboard;
 pub mod train;

@@ -80,7 +80,12 @@ impl TensorBoardSink {
             &format!("Resolved config of `{}`:\n\n{indented}", config.name),
         )?;
         let hparams = hparams(config);
-        writer.hparams_experiment(&experiment_hparams(&hparams), &experiment_metrics())?;
+        if config.log.hparams_experiment {
+            writer.hparams_experiment(
+                &experiment_hparams(&hparams, HEADLINE),
+                &experiment_metrics(),
+            )?;
+        }
         writer.hparams_session_start(&hparams, &group_name(config), now())?;
         writer.custom_scalars_layout(&layout())?;
         writer.flush()?;
@@ -158,7 +163,8 @@ pub fn hparams(config: &Config) -> Vec<(String, HParam)> {
     out
 }
 
-fn experiment_hparams(hparams: &[(String, HParam)]) -> Vec<HParamInfo> {
+/// The experiment's hyperparameters, with `differing` ones declared as differing.
+pub fn experiment_hparams(hparams: &[(String, HParam)], differing: &[&str]) -> Vec<HParamInfo> {
     hparams
         .iter()
         .map(|(name, value)| HParamInfo {
@@ -171,12 +177,12 @@ fn experiment_hparams(hparams: &[(String, HParam)]) -> Vec<HParamInfo> {
             },
             description: (name == "model.depth")
                 .then(|| "layers with weights: hidden layers + 1".into()),
-            differs: HEADLINE.contains(&name.as_str()),
+            differs: differing.contains(&name.as_str()),
         })
         .collect()
 }
 
-fn experiment_metrics() -> Vec<MetricInfo> {
+pub fn experiment_metrics() -> Vec<MetricInfo> {
     METRICS
         .iter()
         .map(|(tag, display)| MetricInfo {
