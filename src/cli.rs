@@ -25,6 +25,8 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Finished runs side by side: the settings that differ and the summary figures.
     Compare(CompareArgs),
+    /// Curves of a metric over steps: one line per run, or per layer for a per-layer metric.
+    Plot(PlotArgs),
     /// Write a data set as IDX files.
     #[command(subcommand)]
     Data(DataCommand),
@@ -106,6 +108,24 @@ pub struct CompareArgs {
     /// The validation accuracy `steps_to_target` counts the steps to.
     #[arg(long, default_value_t = 0.9)]
     pub target: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run directories, or directories of runs.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// A tag (`loss/val`: one line per run) or a per-layer metric (`trust_ratio`: one line per layer).
+    #[arg(long)]
+    pub metric: String,
+    /// Only the layers or parameters whose name matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub layers: Option<String>,
+    #[arg(long)]
+    pub log_y: bool,
+    /// The figure: FILE.png or FILE.svg.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

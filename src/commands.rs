@@ -3,8 +3,8 @@
 use crate::bench;
 use crate::checkpoint;
 use crate::cli::{
-    BenchArgs, CompareArgs, CompareFormat, DataCommand, Emit, Format, ProbeArgs, RescueArgs,
-    RunArgs, SweepArgs, TrainArgs,
+    BenchArgs, CompareArgs, CompareFormat, DataCommand, Emit, Format, PlotArgs, ProbeArgs,
+    RescueArgs, RunArgs, SweepArgs, TrainArgs,
 };
 use crate::compare;
 use crate::config::{Config, DivergenceAction, OptimizerKind};
@@ -334,6 +334,80 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             sweep.runs.len()
         );
     }
+    Ok(())
+}
+
+pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for path in &args.paths {
+        if path.join(run_dir::METRICS).is_file() {
+            runs.push(path.clone());
+        } else {
+            let entries = std::fs::read_dir(path)
+                .map_err(|e| UserError::data(path, format!("cannot read: {e}")))?;
+            let mut found: Vec<_> = entries
+                .filter_map(|e| Some(e.ok()?.path()))
+                .filter(|p| p.join(run_dir::METRICS).is_file())
+                .collect();
+            if found.is_empty() {
+                return Err(UserError::data(
+                    path,
+                    "is not a run and holds none (no metrics.jsonl)",
+                )
+                .into());
+            }
+            found.sort();
+            runs.extend(found);
+        }
+    }
+    let layers = args
+        .layers
+        .as_deref()
+        .map(regex::Regex::new)
+        .transpose()
+        .map_err(|e| UserError::Usage(format!("--layers: {e}")))?;
+    let per_layer = !args.metric.contains('/');
+    let prefix = format!("{}/", args.metric);
+    let file_name = |p: &std::path::Path| {
+        p.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    };
+    let mut curves = Vec::new();
+    for run in &runs {
+        let wanted = |tag: &str| {
+            if per_layer {
+                tag.strip_prefix(&prefix)
+                    .is_some_and(|layer| layers.as_ref().is_none_or(|r| r.is_match(layer)))
+            } else {
+                tag == args.metric
+            }
+        };
+        let found = plot::curves(run, wanted)
+            .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
+        for plot::Curve { label: tag, points } in found {
+            let layer = tag.strip_prefix(&prefix).unwrap_or(&tag).to_string();
+            let label = match (per_layer, runs.len()) {
+                (true, 1) => layer,
+                (true, _) => format!("{}: {layer}", file_name(run)),
+                (false, _) => file_name(run),
+            };
+            curves.push(plot::Curve { label, points });
+        }
+    }
+    if curves.is_empty() {
+        return Err(UserError::Usage(format!(
+            "--metric {}: no such tag in the runs' metrics.jsonl (per-layer metrics: grad_norm, trust_ratio, act_std, ...; tags: loss/train, accuracy/val, ...)",
+            args.metric
+        ))
+        .into());
+    }
+    let title = match runs.as_slice() {
+        [one] => format!("{} — {}", args.metric, file_name(one)),
+        _ => args.metric.clone(),
+    };
+    plot::line_figure(&curves, &title, &args.metric, args.log_y, &args.out)
+        .map_err(|e| UserError::data(&args.out, format!("cannot draw the figure: {e}")))?;
+    println!("{}", args.out.display());
     Ok(())
 }
 

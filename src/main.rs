@@ -10,6 +10,7 @@ fn main() {
         Command::Train(args) => commands::train(args),
         Command::Rescue(args) => commands::rescue_command(args),
         Command::Sweep(args) => commands::sweep(args).map(|()| Outcome::Done),
+        Command::Plot(args) => commands::plot(args).map(|()| Outcome::Done),
         Command::Compare(args) => commands::compare(args).map(|()| Outcome::Done),
         Command::Data(command) => commands::data(command).map(|()| Outcome::Done),
         Command::Probe(args) => commands::probe(args).map(|()| Outcome::Done),

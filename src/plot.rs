@@ -174,3 +174,145 @@ pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::
     }
     root.present().map_err(to_io)
 }
+
+/// One curve: a label and its (step, value) points.
+pub struct Curve {
+    pub label: String,
+    pub points: Vec<(u64, f64)>,
+}
+
+/// Reads `metrics.jsonl` of `run`: one curve per tag that `wanted` accepts, labelled by its tag.
+pub fn curves(run: &Path, wanted: impl Fn(&str) -> bool) -> std::io::Result<Vec<Curve>> {
+    let text = std::fs::read_to_string(run.join(crate::run_dir::METRICS))?;
+    let mut by_tag: std::collections::BTreeMap<String, Vec<(u64, f64)>> = Default::default();
+    for line in text.lines() {
+        let Ok(serde_json::Value::Object(record)) = serde_json::from_str(line) else {
+            continue;
+        };
+        let Some(step) = record.get("step").and_then(|s| s.as_u64()) else {
+            continue;
+        };
+        for (tag, value) in &record {
+            if let (true, Some(v)) = (wanted(tag), value.as_f64()) {
+                by_tag.entry(tag.clone()).or_default().push((step, v));
+            }
+        }
+    }
+    Ok(by_tag
+        .into_iter()
+        .map(|(label, points)| Curve { label, points })
+        .collect())
+}
+
+/// Draws curves over steps into a PNG or, for a `.svg` path, an SVG.
+pub fn line_figure(
+    curves: &[Curve],
+    title: &str,
+    y_label: &str,
+    log_y: bool,
+    path: &Path,
+) -> std::io::Result<()> {
+    register_font();
+    let svg = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    if svg {
+        draw_lines(
+            SVGBackend::new(path, (1000, 600)).into_drawing_area(),
+            curves,
+            title,
+            y_label,
+            log_y,
+        )
+    } else {
+        draw_lines(
+            BitMapBackend::new(path, (1000, 600)).into_drawing_area(),
+            curves,
+            title,
+            y_label,
+            log_y,
+        )
+    }
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    curves: &[Curve],
+    title: &str,
+    y_label: &str,
+    log_y: bool,
+) -> std::io::Result<()> {
+    root.fill(&WHITE).map_err(to_io)?;
+    let usable = |v: f64| v.is_finite() && (!log_y || v > 0.0);
+    let all = curves
+        .iter()
+        .flat_map(|c| c.points.iter())
+        .filter(|p| usable(p.1));
+    let (x_max, lo, hi) = all.fold((1u64, f64::MAX, f64::MIN), |(x, lo, hi), p| {
+        (x.max(p.0), lo.min(p.1), hi.max(p.1))
+    });
+    if lo > hi {
+        return Err(std::io::Error::other("no finite values to draw"));
+    }
+    let pad = if hi > lo {
+        (hi - lo) * 0.05
+    } else {
+        lo.abs().max(1.0) * 0.05
+    };
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80);
+    let palette = |i: usize| Palette99::pick(i).to_rgba();
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(y_label)
+                .y_label_formatter(&|v| format!("{v:.3e}"))
+                .draw()
+                .map_err(to_io)?;
+            for (i, curve) in curves.iter().enumerate() {
+                let color = palette(i);
+                let points: Vec<(u64, f64)> = curve
+                    .points
+                    .iter()
+                    .copied()
+                    .filter(|p| usable(p.1))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                    .map_err(to_io)?
+                    .label(curve.label.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(to_io)?;
+        }};
+    }
+    if log_y {
+        finish!(
+            builder
+                .build_cartesian_2d(0..x_max, (lo / 1.2..hi * 1.2).log_scale())
+                .map_err(to_io)?
+        );
+    } else {
+        finish!(
+            builder
+                .build_cartesian_2d(0..x_max, lo - pad..hi + pad)
+                .map_err(to_io)?
+        );
+    }
+    root.present().map_err(to_io)
+}

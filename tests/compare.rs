@@ -100,3 +100,45 @@ fn a_path_without_runs_and_an_unknown_sort_key_are_user_errors() {
         assert!(String::from_utf8_lossy(&output.stderr).starts_with("error:"));
     }
 }
+
+#[test]
+fn plots_are_written_as_png_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("loss.png");
+    let svg = dir.path().join("grads.svg");
+    for args in [
+        vec![
+            "tests/fixtures/compare",
+            "--metric",
+            "loss/train",
+            "--log-y",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        vec![
+            "tests/fixtures/compare/optimizer.lr=0.2,seed=0",
+            "--metric",
+            "grad_norm",
+            "--layers",
+            "weight$",
+            "--out",
+            svg.to_str().unwrap(),
+        ],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
+            .arg("plot")
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let png = std::fs::read(&png).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("fc1.weight") && !svg.contains("fc1.bias"));
+}
