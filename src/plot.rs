@@ -273,7 +273,7 @@ fn draw_lines<DB: DrawingBackend>(
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc(y_label)
-                .y_label_formatter(&|v| format!("{v:.3e}"))
+                .y_label_formatter(&|v| axis_number(*v))
                 .draw()
                 .map_err(to_io)?;
             for (i, curve) in curves.iter().enumerate() {
@@ -315,4 +315,16 @@ fn draw_lines<DB: DrawingBackend>(
         );
     }
     root.present().map_err(to_io)
+}
+
+/// An axis label: plain for ordinary magnitudes, scientific for tiny or huge ones.
+fn axis_number(v: f64) -> String {
+    if v == 0.0 || (1e-2..1e5).contains(&v.abs()) {
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else {
+        format!("{v:.1e}")
+    }
 }
