@@ -22,27 +22,22 @@ impl RunDir {
     /// that an earlier run is never overwritten.
     pub fn create(out: &Path, name: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        for attempt in 1.. {
-            let candidate = match attempt {
-                1 => out.join(name),
-                n => out.join(format!("{name}-{n}")),
-            };
-            match std::fs::create_dir(&candidate) {
-                Ok(()) => return Ok(Self { path: candidate }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot create {}", candidate.display()));
-                }
-            }
-        }
-        unreachable!("the loop only ends by returning")
+        Self::first_free(out, |n| match n {
+            1 => name.to_string(),
+            n => format!("{name}-{n}"),
+        })
     }
 
     /// The first free `<out>/<stem>-1`, `<stem>-2`, … (rescue runs: `RUN.rescue-1`).
     pub fn create_numbered(out: &Path, stem: &str) -> anyhow::Result<Self> {
+        Self::first_free(out, |n| format!("{stem}-{n}"))
+    }
+
+    /// Creates the first of `<out>/name(1)`, `<out>/name(2)`, … that does not
+    /// exist yet (create_dir is atomic, so two processes never get the same one).
+    fn first_free(out: &Path, name: impl Fn(u32) -> String) -> anyhow::Result<Self> {
         for n in 1.. {
-            let candidate = out.join(format!("{stem}-{n}"));
+            let candidate = out.join(name(n));
             match std::fs::create_dir(&candidate) {
                 Ok(()) => return Ok(Self { path: candidate }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

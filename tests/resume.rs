@@ -1,16 +1,11 @@
 //! Checkpoints, resume, interruption and rescue, through the binary.
 
+mod common;
+use common::larslab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-fn larslab(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_larslab"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
 
 fn ok(output: Output) -> Output {
     assert!(

@@ -1,15 +1,10 @@
 //! `larslab sweep` through the binary: the grid, failures, restarts, Slurm tasks.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+use common::larslab;
 
-fn larslab(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_larslab"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
+use std::path::Path;
+use std::process::Command;
 
 fn statuses(sweep: &Path) -> Vec<(String, String)> {
     let json: serde_json::Value =
