@@ -593,15 +593,33 @@ impl Config {
             },
             "test_images and test_labels go together",
         )?;
-        check(d.n_train >= 2, "data.n_train", "must be at least 2")?;
+        // Sizes past these would exhaust memory (and abort) rather than fail cleanly.
+        check(
+            (2..=MAX_SAMPLES).contains(&d.n_train),
+            "data.n_train",
+            &format!("must be between 2 and {MAX_SAMPLES}"),
+        )?;
+        check(
+            d.n_test <= MAX_SAMPLES,
+            "data.n_test",
+            &format!("must be at most {MAX_SAMPLES}"),
+        )?;
         check(
             (0.0..1.0).contains(&d.val_fraction),
             "data.val_fraction",
             "must be in [0, 1)",
         )?;
         check(d.batch_size >= 1, "data.batch_size", "must be at least 1")?;
-        check(d.features >= 1, "data.features", "must be at least 1")?;
-        check(d.classes >= 2, "data.classes", "must be at least 2")?;
+        check(
+            (1..=MAX_WIDTH).contains(&d.features),
+            "data.features",
+            &format!("must be between 1 and {MAX_WIDTH}"),
+        )?;
+        check(
+            (2..=MAX_WIDTH).contains(&d.classes),
+            "data.classes",
+            &format!("must be between 2 and {MAX_WIDTH}"),
+        )?;
         check(
             d.teacher_hidden.iter().all(|&w| w >= 1),
             "data.teacher_hidden",
@@ -609,9 +627,16 @@ impl Config {
         )?;
         check_positive(d.cluster_std, "data.cluster_std")?;
         check(
-            m.hidden.iter().all(|&w| w >= 1),
+            m.hidden.iter().all(|&w| (1..=MAX_WIDTH).contains(&w)),
             "model.hidden",
-            "every width must be at least 1",
+            &format!("every width must be between 1 and {MAX_WIDTH}"),
+        )?;
+        check(
+            m.hidden
+                .windows(2)
+                .all(|w| w[0] * w[1] <= MAX_LAYER_WEIGHTS),
+            "model.hidden",
+            &format!("a layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"),
         )?;
         check(
             m.init_scale.is_finite(),
@@ -751,6 +776,11 @@ impl Config {
         Ok(())
     }
 }
+
+/// Limits on sizes, so that an absurd value is a config error, not an out-of-memory abort.
+const MAX_SAMPLES: usize = 100_000_000;
+const MAX_WIDTH: usize = 1_000_000;
+const MAX_LAYER_WEIGHTS: usize = 1 << 30;
 
 /// The built-in experiment that `larslab train` runs without `--config`.
 pub const DEFAULT_EXPERIMENT: &str = include_str!("../experiments/default.toml");
@@ -953,6 +983,9 @@ mod tests {
             ("model.activation=swish", "model.activation"),
             ("model.init=glorot", "model.init"),
             ("model.hidden=[0]", "model.hidden"),
+            ("model.hidden=[100000000]", "model.hidden"),
+            ("model.hidden=[100000,100000]", "model.hidden"),
+            ("data.n_train=1000000000000", "data.n_train"),
             ("model.hidden=3", "model.hidden"),
             ("model.hiden=[3]", "model.hiden"),
             ("colour=1", "colour"),
