@@ -48,6 +48,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
             let step = *checkpoint::steps(&checkpoints).last().ok_or_else(|| {
                 UserError::data(&checkpoints, "holds no checkpoint to resume from")
             })?;
+            let previous: Option<Summary> = run_dir.summary()?;
+            if previous.is_some_and(|s| s.status == Status::Diverged) {
+                return Err(UserError::data(
+                    run,
+                    "diverged; continue it from a healthy checkpoint with `larslab rescue RUN --set ...`",
+                )
+                .into());
+            }
             if step >= config.train.steps {
                 return Err(UserError::Usage(format!(
                     "{} is already at step {step} of train.steps = {}; extend it with --set train.steps=N",
@@ -109,6 +117,16 @@ pub fn rescue_command(args: &RescueArgs) -> anyhow::Result<Outcome> {
         .into());
     }
     let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.overrides)?;
+    if config.train.steps <= summary.divergence.map_or(0, |v| v.onset_step) {
+        return Err(UserError::key(
+            "train.steps",
+            format!(
+                "{} leaves nothing to train after the rescue's checkpoint",
+                config.train.steps
+            ),
+        )
+        .into());
+    }
     match rescue(&run_dir, &summary, config, args.overrides.clone(), &options)? {
         Some((dir, summary)) => {
             report(&dir, &summary);
@@ -275,6 +293,19 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
         args.name.as_deref(),
     )?;
     if args.emit == Some(Emit::Slurm) {
+        let multiline = [&args.slurm_time]
+            .into_iter()
+            .chain(&args.slurm_partition)
+            .chain(&args.slurm_lines)
+            .find(|v| v.contains(['\n', '\r']));
+        if let Some(value) = multiline {
+            return Err(
+                UserError::Usage(format!("--slurm option {value:?}: one line only")).into(),
+            );
+        }
+        if args.slurm_cpus == 0 {
+            return Err(UserError::Usage("--slurm-cpus must be at least 1".into()).into());
+        }
         sweep.write_json()?;
         let mut forwarded = Vec::new();
         if let Some(config) = &args.config {

@@ -542,6 +542,53 @@ impl Config {
         self.rescued().map(|_| ())
     }
 
+    /// Products of sizes that would not fit in memory (each size alone may be fine).
+    fn check_sizes(&self) -> Result<(), UserError> {
+        let d = &self.data;
+        let inputs = if d.kind == DataKind::MnistLike {
+            28 * 28
+        } else {
+            d.features
+        };
+        let generated = if d.kind == DataKind::Idx {
+            0
+        } else {
+            d.n_train.saturating_add(d.n_test)
+        };
+        check(
+            generated.saturating_mul(inputs) <= MAX_DATA_VALUES,
+            "data.n_train",
+            &format!(
+                "data.n_train (+ n_test) × {inputs} features exceeds {MAX_DATA_VALUES} values"
+            ),
+        )?;
+        let layer_fits = |widths: &[usize]| {
+            widths
+                .windows(2)
+                .all(|w| w[0].saturating_mul(w[1]) <= MAX_LAYER_WEIGHTS)
+        };
+        let teacher: Vec<usize> = std::iter::once(d.features)
+            .chain(d.teacher_hidden.iter().copied())
+            .chain(std::iter::once(d.classes))
+            .collect();
+        check(
+            d.kind != DataKind::Teacher || layer_fits(&teacher),
+            "data.teacher_hidden",
+            &format!(
+                "a teacher layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"
+            ),
+        )?;
+        let model: Vec<usize> = std::iter::once(inputs)
+            .chain(self.model.hidden.iter().copied())
+            .chain(std::iter::once(d.classes))
+            .collect();
+        check(
+            d.kind == DataKind::Idx || layer_fits(&model),
+            "model.hidden",
+            &format!("a layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"),
+        )
+    }
+
     /// This config with `divergence.rescue`'s overrides applied: the config of a rescue run.
     pub fn rescued(&self) -> Result<Config, UserError> {
         let in_rescue = |e: UserError| match e {
@@ -621,9 +668,11 @@ impl Config {
             &format!("must be between 2 and {MAX_WIDTH}"),
         )?;
         check(
-            d.teacher_hidden.iter().all(|&w| w >= 1),
+            d.teacher_hidden
+                .iter()
+                .all(|&w| (1..=MAX_WIDTH).contains(&w)),
             "data.teacher_hidden",
-            "every width must be at least 1",
+            &format!("every width must be between 1 and {MAX_WIDTH}"),
         )?;
         check_positive(d.cluster_std, "data.cluster_std")?;
         check(
@@ -639,10 +688,11 @@ impl Config {
             &format!("a layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"),
         )?;
         check(
-            m.init_scale.is_finite(),
+            (m.init_scale as f32).is_finite(),
             "model.init_scale",
-            "must be finite",
+            "must be finite in f32",
         )?;
+        self.check_sizes()?;
         check(m.bias_init.is_finite(), "model.bias_init", "must be finite")?;
         check(
             (0.0..1.0).contains(&m.dropout),
@@ -781,6 +831,7 @@ impl Config {
 const MAX_SAMPLES: usize = 100_000_000;
 const MAX_WIDTH: usize = 1_000_000;
 const MAX_LAYER_WEIGHTS: usize = 1 << 30;
+const MAX_DATA_VALUES: usize = 1 << 32;
 
 /// The built-in experiment that `larslab train` runs without `--config`.
 pub const DEFAULT_EXPERIMENT: &str = include_str!("../experiments/default.toml");
@@ -986,6 +1037,11 @@ mod tests {
             ("model.hidden=[100000000]", "model.hidden"),
             ("model.hidden=[100000,100000]", "model.hidden"),
             ("data.n_train=1000000000000", "data.n_train"),
+            (
+                "data.teacher_hidden=[9223372036854775807]",
+                "data.teacher_hidden",
+            ),
+            ("model.init_scale=1e39", "model.init_scale"),
             ("model.hidden=3", "model.hidden"),
             ("model.hiden=[3]", "model.hiden"),
             ("colour=1", "colour"),

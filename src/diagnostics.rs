@@ -190,6 +190,9 @@ pub fn spectra(params: &[Param], record: &mut Record) -> Result<()> {
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;
+        if rows == 0 || cols == 0 || values.iter().any(|v| !v.is_finite()) {
+            continue; // nalgebra's SVD panics on empty matrices and never returns on NaN
+        }
         let matrix = nalgebra::DMatrix::from_row_slice(rows, cols, &values);
         let singular = matrix.singular_values();
         let max = singular.max();

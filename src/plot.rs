@@ -251,8 +251,8 @@ fn draw_lines<DB: DrawingBackend>(
     let (x_max, lo, hi) = all.fold((1u64, f64::MAX, f64::MIN), |(x, lo, hi), p| {
         (x.max(p.0), lo.min(p.1), hi.max(p.1))
     });
-    if lo > hi {
-        return Err(std::io::Error::other("no finite values to draw"));
+    if lo > hi || !(hi - lo).is_finite() {
+        return Err(std::io::Error::other("no finite range of values to draw"));
     }
     let pad = if hi > lo {
         (hi - lo) * 0.05

@@ -81,7 +81,7 @@ pub fn probe(config: &Config, inputs: usize) -> anyhow::Result<ProbeReport> {
         })
         .collect();
     let jacobian = if trace.acts.len() >= 2 {
-        Some(jacobian(&model, &trace, inputs.clamp(1, n))?)
+        jacobian(&model, &trace, inputs.clamp(1, n))?
     } else {
         None
     };
@@ -95,7 +95,9 @@ fn derivative(activation: Activation, z: &Tensor) -> candle_core::Result<Tensor>
     Ok(grads.get(z.as_tensor()).expect("z reaches the sum").clone())
 }
 
-fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<JacobianReport> {
+/// `None` when the Jacobian is not finite (weights or activations overflowed):
+/// nalgebra's SVD would never return.
+fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<Option<JacobianReport>> {
     let hidden = trace.acts.len();
     let weights: Vec<Tensor> = model
         .params()
@@ -121,6 +123,9 @@ fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<Jacobia
         let j = j.expect("at least two hidden layers");
         let (rows, cols) = j.dims2()?;
         let values = j.flatten_all()?.to_vec1::<f64>()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Ok(None);
+        }
         let matrix = nalgebra::DMatrix::from_row_slice(rows, cols, &values);
         singular_values.extend(matrix.singular_values().iter().copied());
     }
@@ -137,7 +142,7 @@ fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<Jacobia
         .map(|s| (s * s - mean_sq).powi(2))
         .sum::<f64>()
         / count;
-    Ok(JacobianReport {
+    Ok(Some(JacobianReport {
         of: format!("h_{hidden} wrt h_1"),
         singular_values,
         min,
@@ -146,7 +151,7 @@ fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<Jacobia
         cond: (min > 0.0).then(|| max / min),
         spread,
         inputs,
-    })
+    }))
 }
 
 /// The report as a table for the terminal.
@@ -176,7 +181,7 @@ pub fn table(report: &ProbeReport) -> String {
             fmt(j.cond),
             j.spread
         )),
-        None => out.push_str("Jacobian: needs at least two hidden layers\n"),
+        None => out.push_str("Jacobian: none (needs two hidden layers and finite values)\n"),
     }
     out
 }

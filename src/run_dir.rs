@@ -21,7 +21,8 @@ impl RunDir {
     /// Creates `<out>/<name>`; when that exists, `<name>-2`, `<name>-3`, …, so
     /// that an earlier run is never overwritten.
     pub fn create(out: &Path, name: &str) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::create_dir_all(out)
+            .map_err(|e| crate::error::UserError::data(out, format!("cannot create: {e}")))?;
         Self::first_free(out, |n| match n {
             1 => name.to_string(),
             n => format!("{name}-{n}"),
@@ -42,8 +43,8 @@ impl RunDir {
                 Ok(()) => return Ok(Self { path: candidate }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot create {}", candidate.display()));
+                    let message = format!("cannot create: {e}");
+                    return Err(crate::error::UserError::data(&candidate, message).into());
                 }
             }
         }

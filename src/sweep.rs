@@ -137,6 +137,12 @@ impl Sweep {
             None => vec![base.seed],
         };
         let name = name.map_or_else(|| format!("{}-sweep", base.name), str::to_string);
+        if name.trim().is_empty() || name.contains(['/', '\\', '\n']) || name == "." || name == ".."
+        {
+            return Err(UserError::Usage(format!(
+                "--name {name:?}: a sweep's name is a plain directory name"
+            )));
+        }
         // Absolute, so that a job script can say where its output goes.
         let out = std::env::current_dir().map_or_else(|_| out.to_path_buf(), |cwd| cwd.join(out));
         let dir = out.join(&name);
@@ -191,6 +197,13 @@ impl Sweep {
                 });
             }
         }
+        // A grid whose every point is invalid (a misspelt key, say) is a usage error, not N failed runs.
+        let errors: Option<Vec<&String>> = runs.iter().map(|r| r.error.as_ref()).collect();
+        if let Some(first) = errors.and_then(|e| e.first().copied()) {
+            return Err(UserError::Usage(format!(
+                "every run of the grid is invalid: {first}"
+            )));
+        }
         Ok(Sweep {
             name,
             dir,
@@ -217,6 +230,11 @@ impl Sweep {
         Ok(config)
     }
 
+    fn create_dir(&self) -> Result<(), UserError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| UserError::data(&self.dir, format!("cannot create: {e}")))
+    }
+
     /// Keys whose values differ between the runs: the grid's, and `seed` with several seeds.
     pub fn varying_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.grid.iter().map(|(k, _)| k.clone()).collect();
@@ -227,7 +245,7 @@ impl Sweep {
     }
 
     pub fn write_json(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        self.create_dir()?;
         #[derive(Serialize)]
         struct RunEntry<'a> {
             #[serde(flatten)]
@@ -331,7 +349,16 @@ impl Sweep {
 
     /// Runs the pending runs (all, or only `only`), `jobs` at a time.
     pub fn execute(&mut self, jobs: usize, only: Option<usize>, quiet: bool) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        if let Some(index) = only
+            && index >= self.runs.len()
+        {
+            return Err(UserError::Usage(format!(
+                "--only {index}: the sweep has {} runs",
+                self.runs.len()
+            ))
+            .into());
+        }
+        self.create_dir()?;
         if let Some(index) = only {
             if index >= self.runs.len() {
                 return Err(UserError::Usage(format!(

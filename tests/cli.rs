@@ -173,6 +173,20 @@ fn a_diverging_run_is_a_result_not_an_error() {
     assert_eq!(last["step"], at);
     assert_eq!(last["diverged"], 1.0);
     let rule = summary["divergence"]["rule"].as_str().unwrap();
+    // With the non-finite rule off, a NaN loss still ends the run (there is nothing to differentiate).
+    let off = quick_run(
+        dir.path(),
+        "boom-off",
+        &[
+            "--set",
+            "optimizer.lr=1e20",
+            "--set",
+            "divergence.non_finite=false",
+            "--set",
+            "divergence.loss_factor=0",
+        ],
+    );
+    assert_eq!(read_json(&off.join("summary.json"))["status"], "diverged");
     assert!(
         ["non_finite_loss", "loss_factor", "non_finite_grad"].contains(&rule),
         "{rule}"
@@ -258,6 +272,8 @@ fn bad_input_exits_2_with_one_error_line_naming_the_culprit() {
         "truncated-images: truncated",
     );
     assert_user_error(d, &train(&["--set", "model.init_from=labels"]), "labels");
+    std::fs::write(d.join("a-file"), b"").unwrap();
+    assert_user_error(d, &["train", "--quiet", "--out", "a-file"], "a-file");
     // clap's own usage errors also exit 2 with an `error:` first line.
     assert_user_error(d, &["train", "--no-such-flag"], "--no-such-flag");
     assert!(!d.join("runs").exists() || std::fs::read_dir(d.join("runs")).unwrap().count() <= 1);

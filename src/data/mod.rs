@@ -201,6 +201,12 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), Us
     if n == 0 {
         return Err(UserError::data(images, "holds no images"));
     }
+    if image_array.dims[1..].contains(&0) {
+        return Err(UserError::data(
+            images,
+            format!("its images {:?} have no pixels", &image_array.dims[1..]),
+        ));
+    }
     if label_array.dims.len() != 1 {
         return Err(UserError::data(
             labels,

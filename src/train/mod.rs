@@ -151,6 +151,16 @@ impl Trainer {
         let device = device::select(config.device)?;
         let data = data::load(config)?;
         let widths = Mlp::widths(data.train.features(), &config.model, data.classes);
+        if let Some(w) = widths
+            .windows(2)
+            .find(|w| w[0].saturating_mul(w[1]) > 1 << 30)
+        {
+            return Err(UserError::key(
+                "model.hidden",
+                format!("a {}×{} layer would not fit in memory", w[1], w[0]),
+            )
+            .into());
+        }
         let model = Mlp::new(&widths, &config.model, config.seed, &device)?;
         let batcher = Batcher::new(
             data.train.len(),
@@ -361,7 +371,14 @@ impl Trainer {
                 _ => None,
             };
             self.final_train_loss = Some(g.loss);
-            let verdict = self.detector.observe(step, g.loss, grad_norm);
+            // A non-finite loss has no gradients: the run cannot go on, whatever the rules say.
+            let verdict = self.detector.observe(step, g.loss, grad_norm).or_else(|| {
+                (!g.loss.is_finite()).then_some(Verdict {
+                    rule: crate::divergence::Rule::NonFiniteLoss,
+                    step,
+                    onset_step: step,
+                })
+            });
             if probe.measure || verdict.is_some() {
                 record_batch(&mut record, &g, &y, lr)?;
                 if let Some(smoothed) = self.detector.smoothed_loss() {
