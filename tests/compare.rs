@@ -2,20 +2,11 @@
 //! four small runs, two rates × two seeds), against golden outputs
 //! (tests/fixtures/compare-expected, reviewed by hand when they were made).
 
-use std::process::Command;
+mod common;
+use common::{larslab, repo, succeed};
 
 fn compare(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-        .arg("compare")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = succeed(repo(), &[&["compare"], args].concat());
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -90,12 +81,7 @@ fn a_path_without_runs_and_an_unknown_sort_key_are_user_errors() {
         vec!["tests"],
         vec!["tests/fixtures/compare", "--sort", "colour"],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-            .arg("compare")
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
+        let output = larslab(repo(), &[&["compare"], &args[..]].concat());
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&output.stderr).starts_with("error:"));
     }
@@ -125,17 +111,7 @@ fn plots_are_written_as_png_and_svg() {
             svg.to_str().unwrap(),
         ],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-            .arg("plot")
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeed(repo(), &[&["plot"], &args[..]].concat());
     }
     let png = std::fs::read(&png).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);

@@ -1,8 +1,10 @@
 //! Per-layer measurements and `larslab probe` against analytic results and a
 //! hand computation.
 
+mod common;
+use common::succeed;
+
 use std::collections::HashMap;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
@@ -63,8 +65,10 @@ fn he_keeps_relu_variance_and_xavier_halves_it() {
 
 fn train_symmetry(dropout: &str) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-        .args([
+    let dropout = format!("model.dropout={dropout}");
+    succeed(
+        dir.path(),
+        &[
             "train",
             "--quiet",
             "--out",
@@ -84,15 +88,8 @@ fn train_symmetry(dropout: &str) -> Vec<f64> {
             "--set",
             "diagnostics.every=20",
             "--set",
-            &format!("model.dropout={dropout}"),
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+            &dropout,
+        ],
     );
     std::fs::read_to_string(dir.path().join("runs/sym/metrics.jsonl"))
         .unwrap()

@@ -7,8 +7,10 @@
 //! cross-entropy, backward and the optimizer, and its per-step losses, its
 //! step-0 trust ratios and its final checkpoint must match the reference.
 
+mod common;
+use common::succeed;
+
 use std::path::Path;
-use std::process::Command;
 
 use serde::Deserialize;
 
@@ -65,16 +67,7 @@ fn lars_runs_match_the_numpy_reference() {
         for assignment in base.iter().chain(&case.set) {
             args.extend(["--set", assignment]);
         }
-        let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeed(dir.path(), &args);
         let run = dir.path().join("runs").join(&case.name);
 
         let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))

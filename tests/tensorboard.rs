@@ -8,6 +8,9 @@
 //! it the check is skipped with a loud message, unless
 //! LARSLAB_REQUIRE_TENSORBOARD=1 (set by CI) makes that a failure.
 
+mod common;
+use common::succeed;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,16 +39,7 @@ fn train(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
         "model.hidden=[16,16]",
     ];
     args.extend_from_slice(extra);
-    let output = Command::new(env!("CARGO_BIN_EXE_larslab"))
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    succeed(dir, &args);
     dir.join("runs").join(name)
 }
 

@@ -20,3 +20,15 @@ pub fn stderr(output: &Output) -> String {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// Runs `larslab ARGS` in `dir` and insists it succeeds, showing its stderr if not.
+pub fn succeed(dir: &Path, args: &[&str]) -> Output {
+    let output = larslab(dir, args);
+    assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    output
+}
+
+/// The repository root, where the fixtures are.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
