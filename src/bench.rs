@@ -3,8 +3,9 @@
 //! Each case times the same `train_step` the trainer runs, on one fixed
 //! random batch (so the data pipeline is not measured): a warm-up, then the
 //! median over several repeats of a block of steps. Achieved GFLOP/s counts
-//! 6 × parameters × batch per step (forward 2, backward 4 multiply-adds per
-//! weight and sample), the usual estimate for dense layers.
+//! 6 × multiply-adds × batch per step (forward 2 FLOPs, backward 4 per
+//! multiply-add and sample): 6 × parameters × batch for dense layers, the
+//! usual estimate; a kernel's weights count once per output position.
 
 use std::time::Instant;
 
@@ -12,56 +13,88 @@ use candle_core::{Device, Tensor};
 use rand::Rng as _;
 use serde::Serialize;
 
-use crate::config::{ModelConfig, OptimizerConfig, OptimizerKind};
+use crate::config::{ModelConfig, ModelKind, OptimizerConfig, OptimizerKind};
 use crate::error::UserError;
-use crate::model::Mlp;
+use crate::model::Model;
 use crate::optim::Optimizer;
 use crate::rng::{self, Stream};
 use crate::sinks::Record;
 use crate::train::step::{Probe, train_step};
 
-/// A benchmark case: an MLP shape and a batch size.
+/// A benchmark case: a model shape and a batch size.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
     pub name: &'static str,
     pub inputs: usize,
+    /// Convolutions `[channels, kernel]` on `inputs` as a square image (a CNN), or none (an MLP).
+    pub conv: &'static [[usize; 2]],
+    pub batch_norm: bool,
     pub hidden: &'static [usize],
     pub classes: usize,
     pub batch: usize,
 }
 
+impl Case {
+    const fn mlp(name: &'static str, hidden: &'static [usize], batch: usize) -> Self {
+        Self {
+            name,
+            inputs: 784,
+            conv: &[],
+            batch_norm: false,
+            hidden,
+            classes: 10,
+            batch,
+        }
+    }
+
+    /// A LeNet-style CNN on 28×28 images: two 5×5 convolutions with
+    /// BatchNorm, ReLU and max pooling, a 128-unit head.
+    const fn cnn(name: &'static str, batch: usize) -> Self {
+        Self {
+            name,
+            inputs: 784,
+            conv: &[[16, 5], [32, 5]],
+            batch_norm: true,
+            hidden: &[128],
+            classes: 10,
+            batch,
+        }
+    }
+
+    fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            kind: if self.conv.is_empty() {
+                ModelKind::Mlp
+            } else {
+                ModelKind::Cnn
+            },
+            conv: self.conv.to_vec(),
+            batch_norm: self.batch_norm,
+            hidden: self.hidden.to_vec(),
+            ..ModelConfig::default()
+        }
+    }
+
+    fn sample_shape(&self) -> Vec<usize> {
+        if self.conv.is_empty() {
+            vec![self.inputs]
+        } else {
+            let side = self.inputs.isqrt();
+            vec![side, side]
+        }
+    }
+}
+
 const DEEP30: [usize; 30] = [256; 30];
 
-/// The contract's cases (DESIGN.md).
+/// The contract's cases (DESIGN.md), then the CNN's.
 pub const CASES: &[Case] = &[
-    Case {
-        name: "mlp-1024-b128",
-        inputs: 784,
-        hidden: &[1024, 1024],
-        classes: 10,
-        batch: 128,
-    },
-    Case {
-        name: "mlp-1024-b1024",
-        inputs: 784,
-        hidden: &[1024, 1024],
-        classes: 10,
-        batch: 1024,
-    },
-    Case {
-        name: "mlp-256-b128",
-        inputs: 784,
-        hidden: &[256, 256],
-        classes: 10,
-        batch: 128,
-    },
-    Case {
-        name: "deep30-b128",
-        inputs: 784,
-        hidden: &DEEP30,
-        classes: 10,
-        batch: 128,
-    },
+    Case::mlp("mlp-1024-b128", &[1024, 1024], 128),
+    Case::mlp("mlp-1024-b1024", &[1024, 1024], 1024),
+    Case::mlp("mlp-256-b128", &[256, 256], 128),
+    Case::mlp("deep30-b128", &DEEP30, 128),
+    Case::cnn("cnn-bn-b128", 128),
+    Case::cnn("cnn-bn-b1024", 1024),
 ];
 
 /// How long to measure.
@@ -112,7 +145,7 @@ pub fn select(name: Option<&str>) -> std::result::Result<Vec<Case>, UserError> {
 struct Setup {
     kind: OptimizerKind,
     measurements: bool,
-    model: Mlp,
+    model: Model,
     optimizer: Optimizer,
     x: Tensor,
     y: Tensor,
@@ -124,11 +157,7 @@ struct Setup {
 impl Setup {
     fn new(case: &Case, kind: OptimizerKind, measurements: bool) -> anyhow::Result<Self> {
         let device = Device::Cpu;
-        let model_config = ModelConfig {
-            hidden: case.hidden.to_vec(),
-            ..ModelConfig::default()
-        };
-        let widths = Mlp::widths(case.inputs, &model_config, case.classes);
+        let model_config = case.model_config();
         let mut data_rng = rng::stream(0, Stream::Data);
         let x: Vec<f32> = (0..case.batch * case.inputs)
             .map(|_| data_rng.random::<f32>())
@@ -139,7 +168,13 @@ impl Setup {
         Ok(Self {
             kind,
             measurements,
-            model: Mlp::new(&widths, &model_config, 0, &device)?,
+            model: Model::new(
+                &model_config,
+                &case.sample_shape(),
+                case.classes,
+                0,
+                &device,
+            )?,
             optimizer: Optimizer::new(&OptimizerConfig {
                 kind,
                 lr: 0.01,
@@ -212,6 +247,7 @@ pub fn run(
                 .iter()
                 .map(|p| p.tensor().elem_count())
                 .sum();
+            let flops_per_step = 6.0 * setup.model.multiply_adds() as f64 * case.batch as f64;
             Result {
                 case: case.name.into(),
                 optimizer: format!("{:?}", setup.kind).to_lowercase(),
@@ -220,7 +256,7 @@ pub fn run(
                 parameters,
                 steps_per_sec,
                 ms_per_step: 1000.0 / steps_per_sec,
-                gflops: 6.0 * parameters as f64 * case.batch as f64 * steps_per_sec / 1e9,
+                gflops: flops_per_step * steps_per_sec / 1e9,
                 repeats: plan.repeats,
                 steps_per_repeat: plan.steps_per_repeat,
                 threads: candle_core::utils::get_num_threads(),

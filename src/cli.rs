@@ -187,7 +187,7 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// One case (mlp-1024-b128, mlp-1024-b1024, mlp-256-b128, deep30-b128); default: all.
+    /// One case (mlp-1024-b128, mlp-1024-b1024, mlp-256-b128, deep30-b128, cnn-bn-b128, cnn-bn-b1024); default: all.
     #[arg(long)]
     pub case: Option<String>,
     /// Timed steps per repeat.

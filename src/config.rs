@@ -146,7 +146,17 @@ pub enum Normalize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Hidden layer widths; `[]` is softmax regression.
+    pub kind: ModelKind,
+    /// For `cnn`: the convolutions, `[[out_channels, kernel], …]`, each
+    /// followed by BatchNorm (optional), the activation and pooling.
+    pub conv: Vec<[usize; 2]>,
+    /// For `cnn`: BatchNorm after every convolution.
+    pub batch_norm: bool,
+    /// For `cnn`: 2×2 pooling (stride 2) after every convolution's activation.
+    pub pool: Pool,
+    /// For `cnn`: `same` pads by kernel/2 (odd kernels keep the image size), `valid` does not pad.
+    pub padding: Padding,
+    /// Hidden layer widths (of the head, for `cnn`); `[]` is softmax regression.
     pub hidden: Vec<usize>,
     pub activation: Activation,
     /// Weight initialisation scheme.
@@ -160,6 +170,30 @@ pub struct ModelConfig {
     pub init_from: Option<PathBuf>,
     /// Dropout probability after each hidden activation while training, 0 ≤ p < 1; 0 is off.
     pub dropout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Fully connected layers `fc1 … fcL`.
+    Mlp,
+    /// Convolutions `conv1 …` (with `bn1 …`) on 2-D images, then the MLP head.
+    Cnn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pool {
+    Max,
+    Avg,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    Same,
+    Valid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +460,11 @@ impl Default for DataConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::Mlp,
+            conv: Vec::new(),
+            batch_norm: false,
+            pool: Pool::Max,
+            padding: Padding::Same,
             hidden: vec![128, 128],
             activation: Activation::Relu,
             init: InitScheme::HeNormal,
@@ -687,6 +726,35 @@ impl Config {
             "model.hidden",
             &format!("a layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"),
         )?;
+        match m.kind {
+            ModelKind::Mlp => {
+                let cnn_only = "applies to model.kind = \"cnn\" only";
+                check(m.conv.is_empty(), "model.conv", cnn_only)?;
+                check(!m.batch_norm, "model.batch_norm", cnn_only)?;
+            }
+            ModelKind::Cnn => {
+                check(
+                    !m.conv.is_empty(),
+                    "model.conv",
+                    "a cnn needs at least one convolution, e.g. [[16, 5], [32, 5]] ([channels, kernel] each)",
+                )?;
+                check(
+                    m.conv.iter().all(|&[channels, kernel]| {
+                        (1..=MAX_WIDTH).contains(&channels) && (1..=MAX_KERNEL).contains(&kernel)
+                    }),
+                    "model.conv",
+                    &format!(
+                        "every [channels, kernel] needs 1 ≤ channels ≤ {MAX_WIDTH} and 1 ≤ kernel ≤ {MAX_KERNEL}"
+                    ),
+                )?;
+                check(
+                    m.padding == Padding::Valid
+                        || m.conv.iter().all(|&[_, kernel]| kernel % 2 == 1),
+                    "model.conv",
+                    "padding = \"same\" needs odd kernels (or set model.padding = \"valid\")",
+                )?;
+            }
+        }
         check(
             (m.init_scale as f32).is_finite(),
             "model.init_scale",
@@ -831,6 +899,7 @@ impl Config {
 const MAX_SAMPLES: usize = 100_000_000;
 const MAX_WIDTH: usize = 1_000_000;
 const MAX_LAYER_WEIGHTS: usize = 1 << 30;
+const MAX_KERNEL: usize = 64;
 const MAX_DATA_VALUES: usize = 1 << 32;
 
 /// The built-in experiment that `larslab train` runs without `--config`.

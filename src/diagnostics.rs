@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
-use crate::model::{Param, Trace};
+use crate::model::{Model, Param, Trace};
 use crate::optim::ParamStep;
 use crate::optim::transforms::l2_norm;
 use crate::sinks::Record;
@@ -94,20 +94,21 @@ impl BeforeStep {
     }
 }
 
-/// Per-layer statistics of one traced step (layer i is `fc<i>`), added to
-/// `record` after one transfer:
+/// Per-layer statistics of one traced step (layers `conv1 …`, `fc1 …`), added
+/// to `record` after one transfer. A unit is a dense layer's neuron or a
+/// convolution's output channel.
 /// - `act_mean`, `act_std`: the hidden layer's output after its activation;
 /// - `preact_grad_std`: the standard deviation of ∂L/∂z_i, the back-propagated
 ///   gradient of Glorot and Bengio (2010) (L is the batch-mean loss);
 /// - `dead_frac` (relu, leaky_relu): share of units whose pre-activation is ≤ 0
-///   on the whole batch; `saturated_frac` (sigmoid, tanh): share of outputs
-///   within 1% of the activation's bounds;
-/// - `symmetry`: mean pairwise cosine similarity of the weight matrix's rows.
+///   on the whole batch (and, for a channel, at every position); `saturated_frac`
+///   (sigmoid, tanh): share of outputs within 1% of the activation's bounds;
+/// - `symmetry`: mean pairwise cosine similarity of the units' weights (the
+///   rows of a weight matrix, the flattened kernels of a convolution).
 pub fn layer_stats(
-    params: &[Param],
+    model: &Model,
     trace: &Trace,
     grads: &GradStore,
-    activation: Activation,
     record: &mut Record,
 ) -> Result<()> {
     let mut tags = Vec::new();
@@ -116,13 +117,14 @@ pub fn layer_stats(
         tags.push(tag);
         scalars.push(value);
     };
-    for (i, h) in trace.acts.iter().enumerate() {
-        let layer = format!("fc{}", i + 1);
+    for ((layer, h), z) in trace.layers.iter().zip(&trace.acts).zip(&trace.preacts) {
         add(format!("act_mean/{layer}"), h.mean_all()?);
         add(format!("act_std/{layer}"), std_all(h)?);
-        match activation {
+        match model.activation() {
             Activation::Relu | Activation::LeakyRelu => {
-                let alive = trace.preacts[i].max(0)?.gt(0f32)?.to_dtype(DType::F32)?;
+                // Units (neurons, channels) are the last axis.
+                let per_unit = z.flatten_to(z.rank() - 2)?;
+                let alive = per_unit.max(0)?.gt(0f32)?.to_dtype(DType::F32)?;
                 add(format!("dead_frac/{layer}"), (1.0 - alive.mean_all()?)?);
             }
             Activation::Sigmoid => {
@@ -137,16 +139,16 @@ pub fn layer_stats(
             _ => {}
         }
     }
-    for (i, probe) in trace.probes.iter().enumerate() {
+    for (layer, probe) in trace.layers.iter().zip(&trace.probes) {
         if let Some(grad) = grads.get(probe.as_tensor()) {
-            add(format!("preact_grad_std/fc{}", i + 1), std_all(grad)?);
+            add(format!("preact_grad_std/{layer}"), std_all(grad)?);
         }
     }
-    for (i, layer) in params.chunks_exact(2).enumerate() {
-        if layer[0].tensor().dim(0)? >= 2 {
+    for (layer, weight) in model.layer_weights() {
+        if weight.dim(0)? >= 2 {
             add(
-                format!("symmetry/fc{}", i + 1),
-                symmetry(layer[0].tensor())?,
+                format!("symmetry/{layer}"),
+                symmetry(&weight.flatten_from(1)?)?,
             );
         }
     }
@@ -180,13 +182,15 @@ pub fn symmetry(w: &Tensor) -> Result<Tensor> {
 }
 
 /// Largest singular value and condition number (largest / smallest) of every
-/// weight matrix, computed in f64 by nalgebra's SVD on the host. A matrix with
-/// a zero singular value gets no `cond` (it is infinite).
+/// weight matrix, computed in f64 by nalgebra's SVD on the host. A kernel
+/// `[out, in, k, k]` is taken as the matrix `[out, in·k·k]` (its units'
+/// weights; not the operator norm of the convolution). A matrix with a zero
+/// singular value gets no `cond` (it is infinite).
 pub fn spectra(params: &[Param], record: &mut Record) -> Result<()> {
-    for param in params.iter().filter(|p| p.tensor().rank() == 2) {
-        let (rows, cols) = param.tensor().dims2()?;
-        let values = param
-            .tensor()
+    for param in params.iter().filter(|p| p.tensor().rank() >= 2) {
+        let matrix = param.tensor().flatten_from(1)?;
+        let (rows, cols) = matrix.dims2()?;
+        let values = matrix
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;

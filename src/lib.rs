@@ -25,4 +25,5 @@ pub mod run_dir;
 pub mod sinks;
 pub mod sweep;
 pub mod tensorboard;
+pub mod threads;
 pub mod train;

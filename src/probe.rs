@@ -14,7 +14,7 @@ use crate::config::{Activation, Config};
 use crate::data;
 use crate::device;
 use crate::diagnostics::layer_stats;
-use crate::model::{Mlp, Trace};
+use crate::model::{Model, Trace};
 use crate::sinks::Record;
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,8 +54,13 @@ pub struct ProbeReport {
 pub fn probe(config: &Config, inputs: usize) -> anyhow::Result<ProbeReport> {
     let device = device::select(config.device)?;
     let data = data::load(config)?;
-    let widths = Mlp::widths(data.train.features(), &config.model, data.classes);
-    let model = Mlp::new(&widths, &config.model, config.seed, &device)?;
+    let model = Model::new(
+        &config.model,
+        &data.train.sample_shape,
+        data.classes,
+        config.seed,
+        &device,
+    )?;
     let n = config.data.batch_size.min(data.train.len());
     let indices: Vec<usize> = (0..n).collect();
     let (x, y) = data.train.batch(&indices, &device)?;
@@ -63,24 +68,20 @@ pub fn probe(config: &Config, inputs: usize) -> anyhow::Result<ProbeReport> {
     let trace = trace.expect("asked for a trace");
     let grads = candle_nn::loss::cross_entropy(&logits, &y)?.backward()?;
     let mut record = Record::new(0);
-    layer_stats(
-        model.params(),
-        &trace,
-        &grads,
-        model.activation(),
-        &mut record,
-    )?;
-    let layers = (1..=model.layers())
-        .map(|i| LayerReport {
-            name: format!("fc{i}"),
-            act_mean: record.get(&format!("act_mean/fc{i}")),
-            act_std: record.get(&format!("act_std/fc{i}")),
+    layer_stats(&model, &trace, &grads, &mut record)?;
+    let layers = trace
+        .layers
+        .iter()
+        .map(|name| LayerReport {
+            name: name.clone(),
+            act_mean: record.get(&format!("act_mean/{name}")),
+            act_std: record.get(&format!("act_std/{name}")),
             preact_grad_std: record
-                .get(&format!("preact_grad_std/fc{i}"))
+                .get(&format!("preact_grad_std/{name}"))
                 .unwrap_or(f64::NAN),
         })
         .collect();
-    let jacobian = if trace.acts.len() >= 2 {
+    let jacobian = if !model.is_convolutional() && trace.acts.len() >= 2 {
         jacobian(&model, &trace, inputs.clamp(1, n))?
     } else {
         None
@@ -97,12 +98,12 @@ fn derivative(activation: Activation, z: &Tensor) -> candle_core::Result<Tensor>
 
 /// `None` when the Jacobian is not finite (weights or activations overflowed):
 /// nalgebra's SVD would never return.
-fn jacobian(model: &Mlp, trace: &Trace, inputs: usize) -> anyhow::Result<Option<JacobianReport>> {
+fn jacobian(model: &Model, trace: &Trace, inputs: usize) -> anyhow::Result<Option<JacobianReport>> {
     let hidden = trace.acts.len();
     let weights: Vec<Tensor> = model
-        .params()
-        .chunks_exact(2)
-        .map(|layer| layer[0].tensor().to_dtype(DType::F64))
+        .dense_weights()
+        .into_iter()
+        .map(|w| w.to_dtype(DType::F64))
         .collect::<candle_core::Result<_>>()?;
     let slopes: Vec<Tensor> = trace.preacts[..hidden]
         .iter()
@@ -181,7 +182,9 @@ pub fn table(report: &ProbeReport) -> String {
             fmt(j.cond),
             j.spread
         )),
-        None => out.push_str("Jacobian: none (needs two hidden layers and finite values)\n"),
+        None => out.push_str(
+            "Jacobian: none (needs an MLP with two hidden layers and finite values)\n",
+        ),
     }
     out
 }

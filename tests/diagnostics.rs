@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use larslab::config::{Activation, Config, InitScheme};
 use larslab::diagnostics::layer_stats;
-use larslab::model::Mlp;
+use larslab::model::Model;
 use larslab::probe::probe;
 use larslab::sinks::Record;
 
@@ -147,7 +147,7 @@ fn measurements_of_a_small_net_equal_a_hand_computation() {
     c.model.activation = Activation::Relu;
     c.model.init = InitScheme::Zeros;
     c.model.init_from = Some(path);
-    let model = Mlp::new(&[3, 2, 2], &c.model, 0, &Device::Cpu).unwrap();
+    let model = Model::new(&c.model, &[3], 2, 0, &Device::Cpu).unwrap();
     let xt = t(flat(&x), &[3, 3]);
     let yt = Tensor::from_vec(labels.map(|l| l as u32).to_vec(), 3, &Device::Cpu).unwrap();
     let (logits, trace) = model.forward_traced(&xt, None, true).unwrap();
@@ -156,14 +156,7 @@ fn measurements_of_a_small_net_equal_a_hand_computation() {
         .backward()
         .unwrap();
     let mut record = Record::new(0);
-    layer_stats(
-        model.params(),
-        &trace.unwrap(),
-        &grads,
-        Activation::Relu,
-        &mut record,
-    )
-    .unwrap();
+    layer_stats(&model, &trace.unwrap(), &grads, &mut record).unwrap();
 
     // By hand.
     let mut z1 = [[0.0; 2]; 3];

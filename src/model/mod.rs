@@ -1,7 +1,10 @@
-//! The model: a multilayer perceptron with named parameters.
+//! The model: an MLP, or a CNN (convolutions, then an MLP head), with named
+//! parameters in layer order.
 
 pub mod activation;
 pub mod init;
+pub mod layers;
+mod ops;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,9 +12,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
 
-use crate::config::{Activation, ModelConfig};
+use crate::config::{Activation, ModelConfig, ModelKind, Padding};
 use crate::error::UserError;
 use crate::rng::{self, Rng, Stream};
+pub use layers::{BatchNorm, Conv, Dense};
 
 /// A trainable tensor and its contract name (`fc1.weight`, ...).
 #[derive(Debug, Clone)]
@@ -26,56 +30,299 @@ impl Param {
     }
 }
 
-/// An MLP: `fc1 … fcL`, an activation (and dropout while training) after each
-/// hidden layer, logits out. Weights are `[out, in]`.
+/// A convolution block: convolution, BatchNorm (optional), activation, pooling.
 #[derive(Debug, Clone)]
-pub struct Mlp {
-    /// `fc1.weight, fc1.bias, fc2.weight, …` in layer order.
-    params: Vec<Param>,
-    activation: Activation,
-    dropout: f32,
+struct ConvBlock {
+    conv: Conv,
+    norm: Option<BatchNorm>,
 }
 
-impl Mlp {
-    /// Layer widths from the input to the output: `[inputs, hidden…, classes]`.
-    pub fn widths(inputs: usize, config: &ModelConfig, classes: usize) -> Vec<usize> {
-        std::iter::once(inputs)
-            .chain(config.hidden.iter().copied())
-            .chain(std::iter::once(classes))
-            .collect()
+/// The network: `conv1 … convK` (CNN only), each followed by `bnK`
+/// (optional), the activation and pooling; then `fc1 … fcL` with the
+/// activation (and dropout while training) after each hidden layer, logits
+/// out. Weights are `[out, in]` and `[out, in, k, k]`.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Every trainable tensor in layer order (`conv1.weight, conv1.bias, bn1.weight, …, fc1.weight, …`).
+    params: Vec<Param>,
+    /// BatchNorm's running statistics: checkpointed, never trained.
+    buffers: Vec<Param>,
+    convs: Vec<ConvBlock>,
+    dense: Vec<Dense>,
+    /// `[channels, height, width]` of a CNN's input; `None` for an MLP.
+    image: Option<[usize; 3]>,
+    pool: crate::config::Pool,
+    activation: Activation,
+    dropout: f32,
+    description: String,
+    multiply_adds: usize,
+}
+
+/// What a tensor is, which decides how it is drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    /// A weight matrix or kernel with its fans.
+    Weight {
+        fan_in: usize,
+        fan_out: usize,
+    },
+    Bias,
+    NormScale,
+    NormShift,
+    RunningMean,
+    RunningVar,
+}
+
+#[derive(Debug, Clone)]
+struct Spec {
+    name: String,
+    shape: Vec<usize>,
+    role: Role,
+}
+
+impl Spec {
+    fn new(name: String, shape: Vec<usize>, role: Role) -> Self {
+        Self { name, shape, role }
     }
 
-    /// A new model: parameters drawn from the seed's `Init` stream, or read from `model.init_from`.
+    fn is_buffer(&self) -> bool {
+        matches!(self.role, Role::RunningMean | Role::RunningVar)
+    }
+}
+
+/// What [`architecture`] works out from the config and the data's shape.
+struct Architecture {
+    /// Every tensor in order.
+    specs: Vec<Spec>,
+    image: Option<[usize; 3]>,
+    description: String,
+    /// Multiply-adds of one sample's forward pass through the weighted layers.
+    multiply_adds: usize,
+}
+
+/// The model of `config` for samples of `sample_shape`. Sizes that do not
+/// work out (an image that a valid convolution or pooling shrinks to
+/// nothing, a CNN on vector data, a layer too large for memory) are config
+/// errors.
+fn architecture(
+    config: &ModelConfig,
+    sample_shape: &[usize],
+    classes: usize,
+) -> Result<Architecture, UserError> {
+    let mut specs = Vec::new();
+    let mut multiply_adds = 0;
+    let (image, features, description) = match config.kind {
+        ModelKind::Mlp => (
+            None,
+            sample_shape.iter().product::<usize>(),
+            String::from("MLP"),
+        ),
+        ModelKind::Cnn => {
+            let &[height, width] = sample_shape else {
+                return Err(UserError::key(
+                    "model.kind",
+                    format!(
+                        "a cnn needs 2-D images (data.kind = \"idx\" or \"mnist-like\"); these samples have shape {sample_shape:?}"
+                    ),
+                ));
+            };
+            let (mut channels, mut h, mut w) = (1, height, width);
+            let mut layers = Vec::new();
+            for (i, &[out, kernel]) in config.conv.iter().enumerate() {
+                let convolved =
+                    |side: usize| (side + 2 * padding(config, kernel) + 1).saturating_sub(kernel);
+                let side = |side: usize| config.pool.side(convolved(side));
+                if side(h) == 0 || side(w) == 0 {
+                    return Err(UserError::key(
+                        "model.conv",
+                        format!(
+                            "conv{} leaves nothing of its {h}×{w} input (kernel {kernel}, padding {:?}, pooling {:?})",
+                            i + 1,
+                            config.padding,
+                            config.pool
+                        ),
+                    ));
+                }
+                let fans = Role::Weight {
+                    fan_in: channels * kernel * kernel,
+                    fan_out: out * kernel * kernel,
+                };
+                let n = i + 1;
+                specs.push(Spec::new(
+                    format!("conv{n}.weight"),
+                    vec![out, channels, kernel, kernel],
+                    fans,
+                ));
+                specs.push(Spec::new(format!("conv{n}.bias"), vec![out], Role::Bias));
+                if config.batch_norm {
+                    specs.push(Spec::new(
+                        format!("bn{n}.weight"),
+                        vec![out],
+                        Role::NormScale,
+                    ));
+                    specs.push(Spec::new(format!("bn{n}.bias"), vec![out], Role::NormShift));
+                    specs.push(Spec::new(
+                        format!("bn{n}.running_mean"),
+                        vec![out],
+                        Role::RunningMean,
+                    ));
+                    specs.push(Spec::new(
+                        format!("bn{n}.running_var"),
+                        vec![out],
+                        Role::RunningVar,
+                    ));
+                }
+                multiply_adds += out * channels * kernel * kernel * convolved(h) * convolved(w);
+                (channels, h, w) = (out, side(h), side(w));
+                layers.push(format!("{out}k{kernel}"));
+            }
+            let description = format!(
+                "CNN 1×{height}×{width} → conv [{}]{} {:?} pooling → {channels}×{h}×{w}, head",
+                layers.join(", "),
+                if config.batch_norm {
+                    " + BatchNorm"
+                } else {
+                    ""
+                },
+                config.pool
+            );
+            (Some([1, height, width]), channels * h * w, description)
+        }
+    };
+    let widths: Vec<usize> = std::iter::once(features)
+        .chain(config.hidden.iter().copied())
+        .chain(std::iter::once(classes))
+        .collect();
+    if let Some(w) = widths
+        .windows(2)
+        .find(|w| w[0].saturating_mul(w[1]) > MAX_LAYER_WEIGHTS)
+    {
+        return Err(UserError::key(
+            "model.hidden",
+            format!("a {}×{} layer would not fit in memory", w[1], w[0]),
+        ));
+    }
+    for (i, w) in widths.windows(2).enumerate() {
+        let (fan_in, fan_out) = (w[0], w[1]);
+        multiply_adds += fan_in * fan_out;
+        specs.push(Spec::new(
+            format!("fc{}.weight", i + 1),
+            vec![fan_out, fan_in],
+            Role::Weight { fan_in, fan_out },
+        ));
+        specs.push(Spec::new(
+            format!("fc{}.bias", i + 1),
+            vec![fan_out],
+            Role::Bias,
+        ));
+    }
+    Ok(Architecture {
+        specs,
+        image,
+        description: format!("{description} {widths:?}"),
+        multiply_adds,
+    })
+}
+
+/// Zero padding on each side: `same` keeps an odd kernel's image size.
+fn padding(config: &ModelConfig, kernel: usize) -> usize {
+    match config.padding {
+        Padding::Same => kernel / 2,
+        Padding::Valid => 0,
+    }
+}
+
+const MAX_LAYER_WEIGHTS: usize = 1 << 30;
+
+impl Model {
+    /// A new model for samples of `sample_shape` (`[features]`, or `[h, w]`
+    /// images): parameters drawn from the seed's `Init` stream, or read from
+    /// `model.init_from`.
     pub fn new(
-        widths: &[usize],
         config: &ModelConfig,
+        sample_shape: &[usize],
+        classes: usize,
         seed: u64,
         device: &Device,
     ) -> Result<Self, anyhow::Error> {
-        let shapes = shapes(widths);
+        let Architecture {
+            specs,
+            image,
+            description,
+            multiply_adds,
+        } = architecture(config, sample_shape, classes)?;
         let values = match &config.init_from {
-            Some(path) => read_init_file(path, &shapes, device)?,
-            None => draw(
-                &shapes,
-                config,
-                &mut rng::stream(seed, Stream::Init),
-                device,
-            )?,
+            Some(path) => read_init_file(path, &specs, device)?,
+            None => draw(&specs, config, &mut rng::stream(seed, Stream::Init), device)?,
         };
-        let params = shapes
-            .into_iter()
-            .zip(values)
-            .map(|((name, _), value)| {
-                Ok(Param {
-                    name,
-                    var: Var::from_tensor(&value)?,
-                })
+        let mut params = Vec::new();
+        let mut buffers = Vec::new();
+        for (spec, value) in specs.iter().zip(values) {
+            let param = Param {
+                name: spec.name.clone(),
+                var: Var::from_tensor(&value)?,
+            };
+            if spec.is_buffer() {
+                buffers.push(param);
+            } else {
+                params.push(param);
+            }
+        }
+        let by_name: HashMap<&str, &Var> = params
+            .iter()
+            .chain(&buffers)
+            .map(|p| (p.name.as_str(), &p.var))
+            .collect();
+        let var = |name: String| by_name[name.as_str()].clone();
+        let conv_layers = if image.is_some() {
+            config.conv.as_slice()
+        } else {
+            &[]
+        };
+        let convs = conv_layers
+            .iter()
+            .enumerate()
+            .map(|(i, &[_, kernel])| {
+                let n = i + 1;
+                ConvBlock {
+                    conv: Conv {
+                        name: format!("conv{n}"),
+                        weight: var(format!("conv{n}.weight")),
+                        bias: var(format!("conv{n}.bias")),
+                        padding: padding(config, kernel),
+                    },
+                    norm: config.batch_norm.then(|| BatchNorm {
+                        name: format!("bn{n}"),
+                        weight: var(format!("bn{n}.weight")),
+                        bias: var(format!("bn{n}.bias")),
+                        running_mean: var(format!("bn{n}.running_mean")),
+                        running_var: var(format!("bn{n}.running_var")),
+                    }),
+                }
             })
-            .collect::<candle_core::Result<_>>()?;
+            .collect();
+        let dense = (1..)
+            .map_while(|n| {
+                by_name
+                    .contains_key(format!("fc{n}.weight").as_str())
+                    .then(|| Dense {
+                        name: format!("fc{n}"),
+                        weight: var(format!("fc{n}.weight")),
+                        bias: var(format!("fc{n}.bias")),
+                    })
+            })
+            .collect();
         Ok(Self {
             params,
+            buffers,
+            convs,
+            dense,
+            image,
+            pool: config.pool,
             activation: config.activation,
             dropout: config.dropout as f32,
+            description,
+            multiply_adds,
         })
     }
 
@@ -83,12 +330,52 @@ impl Mlp {
         &self.params
     }
 
-    pub fn layers(&self) -> usize {
-        self.params.len() / 2
+    /// BatchNorm's running statistics (empty without BatchNorm).
+    pub fn buffers(&self) -> &[Param] {
+        &self.buffers
     }
 
-    /// Logits for a batch `[n, inputs]`. Pass a generator to train (dropout
-    /// active, masks drawn from it); `None` evaluates.
+    /// The number of weighted layers (convolutions and dense layers).
+    pub fn layers(&self) -> usize {
+        self.convs.len() + self.dense.len()
+    }
+
+    /// Every weighted layer's name and weight, in order (`conv1`, …, `fc1`, …).
+    pub fn layer_weights(&self) -> Vec<(&str, &Tensor)> {
+        let convs = self
+            .convs
+            .iter()
+            .map(|b| (b.conv.name.as_str(), b.conv.weight.as_tensor()));
+        let dense = self
+            .dense
+            .iter()
+            .map(|d| (d.name.as_str(), d.weight.as_tensor()));
+        convs.chain(dense).collect()
+    }
+
+    /// The dense layers' weights, for the Jacobian of the hidden stack.
+    pub fn dense_weights(&self) -> Vec<&Tensor> {
+        self.dense.iter().map(|d| d.weight.as_tensor()).collect()
+    }
+
+    pub fn is_convolutional(&self) -> bool {
+        !self.convs.is_empty()
+    }
+
+    /// Multiply-adds of one sample's forward pass through the weighted layers
+    /// (a dense layer's weights once, a kernel's once per output position).
+    pub fn multiply_adds(&self) -> usize {
+        self.multiply_adds
+    }
+
+    /// One line for the console: kind, shapes, widths.
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// Logits for a batch `[n, features]`. Pass a generator to train (dropout
+    /// active, masks drawn from it; BatchNorm on batch statistics, updating its
+    /// running ones); `None` evaluates.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -97,30 +384,44 @@ impl Mlp {
         Ok(self.forward_traced(x, dropout_rng, false)?.0)
     }
 
-    /// [`Mlp::forward`], optionally keeping what happens inside: every
-    /// layer's pre-activation z_i, with a zero-valued probe variable added so
-    /// that the backward pass keeps ∂L/∂z_i (candle drops the gradients of
-    /// intermediate tensors, but keeps those of variables; adding 0 changes
-    /// no value), and every hidden layer's output h_i (before dropout).
+    /// [`Model::forward`], optionally keeping what happens inside: every
+    /// layer's pre-activation z_i (the activation's input, after BatchNorm;
+    /// `[n, units]`, or `[n, h, w, channels]` for a convolution),
+    /// with a zero-valued probe variable added so that the backward pass
+    /// keeps ∂L/∂z_i (candle drops the gradients of intermediate tensors, but
+    /// keeps those of variables; adding 0 changes no value), and every hidden
+    /// layer's output h_i (before pooling or dropout).
     pub fn forward_traced(
         &self,
         x: &Tensor,
         mut dropout_rng: Option<&mut Rng>,
         trace: bool,
     ) -> candle_core::Result<(Tensor, Option<Trace>)> {
-        let mut h = x.clone();
+        let training = dropout_rng.is_some();
         let mut traced = trace.then(Trace::default);
-        for (i, layer) in self.params.chunks_exact(2).enumerate() {
-            let mut z = h
-                .matmul(&layer[0].tensor().t()?)?
-                .broadcast_add(layer[1].tensor())?;
-            if let Some(t) = traced.as_mut() {
-                let probe = Var::zeros(z.dims(), z.dtype(), z.device())?;
-                z = (z + probe.as_tensor())?;
-                t.preacts.push(z.clone());
-                t.probes.push(probe);
+        let mut h = x.clone();
+        if let Some([c, height, width]) = self.image {
+            h = h
+                .reshape((x.dim(0)?, c, height, width))?
+                .permute((0, 2, 3, 1))?;
+            for block in &self.convs {
+                let mut z = block.conv.forward(&h)?;
+                if let Some(norm) = &block.norm {
+                    z = norm.forward(&z, training)?;
+                }
+                let z = observe(traced.as_mut(), &block.conv.name, z)?;
+                let a = self.activation.forward(&z)?;
+                if let Some(t) = traced.as_mut() {
+                    t.acts.push(a.clone());
+                }
+                h = self.pool.forward(&a)?;
             }
-            if i + 1 == self.layers() {
+            // The head sees PyTorch's (channel, row, column) order.
+            h = h.permute((0, 3, 1, 2))?.flatten_from(1)?;
+        }
+        for (i, layer) in self.dense.iter().enumerate() {
+            let z = observe(traced.as_mut(), &layer.name, layer.forward(&h)?)?;
+            if i + 1 == self.dense.len() {
                 return Ok((z, traced));
             }
             h = self.activation.forward(&z)?;
@@ -132,28 +433,44 @@ impl Mlp {
                 h = (h * mask)?;
             }
         }
-        unreachable!("an MLP has at least its output layer")
+        unreachable!("a model has at least its output layer")
     }
 
     pub fn activation(&self) -> Activation {
         self.activation
     }
 
-    /// Every parameter by name, for checkpoints.
+    /// Every parameter and buffer by name, for checkpoints.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
         self.params
             .iter()
+            .chain(&self.buffers)
             .map(|p| (p.name.clone(), p.tensor().clone()))
             .collect()
     }
 }
 
-/// What [`Mlp::forward_traced`] keeps: per layer (fc1 … fcL) the
-/// pre-activation and its probe variable, per hidden layer the activation.
+/// Adds a zero probe variable to `z` and records both, when tracing.
+fn observe(trace: Option<&mut Trace>, layer: &str, z: Tensor) -> candle_core::Result<Tensor> {
+    let Some(t) = trace else {
+        return Ok(z);
+    };
+    let probe = Var::zeros(z.dims(), z.dtype(), z.device())?;
+    let z = (z + probe.as_tensor())?;
+    t.layers.push(layer.to_string());
+    t.preacts.push(z.clone());
+    t.probes.push(probe);
+    Ok(z)
+}
+
+/// What [`Model::forward_traced`] keeps: per weighted layer (conv1 …, fc1 …)
+/// its name, pre-activation and probe variable; per hidden layer (all but
+/// the last) the activation.
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
+    pub layers: Vec<String>,
     pub preacts: Vec<Tensor>,
-    /// `grads.get(probes[i])` is ∂L/∂z_{i+1} after the backward pass.
+    /// `grads.get(probes[i])` is ∂L/∂z_i after the backward pass.
     pub probes: Vec<Var>,
     pub acts: Vec<Tensor>,
 }
@@ -174,54 +491,55 @@ fn dropout_mask(
     Tensor::from_vec(mask, dims, device)
 }
 
-/// Names and shapes of every parameter, in order.
-fn shapes(widths: &[usize]) -> Vec<(String, Vec<usize>)> {
-    widths
-        .windows(2)
-        .enumerate()
-        .flat_map(|(i, w)| {
-            [
-                (format!("fc{}.weight", i + 1), vec![w[1], w[0]]),
-                (format!("fc{}.bias", i + 1), vec![w[1]]),
-            ]
-        })
-        .collect()
-}
-
+/// Draws every tensor: weights from the init scheme with their fans (a
+/// kernel `[out, in, k, k]` is drawn as the matrix `[out, in·k·k]`, as
+/// PyTorch does), biases at `model.bias_init`, BatchNorm at γ = 1, β = 0,
+/// running statistics at mean 0, variance 1.
 fn draw(
-    shapes: &[(String, Vec<usize>)],
+    specs: &[Spec],
     config: &ModelConfig,
     rng: &mut Rng,
     device: &Device,
 ) -> candle_core::Result<Vec<Tensor>> {
-    shapes
+    specs
         .iter()
-        .map(|(_, shape)| match shape[..] {
-            [fan_out, fan_in] => {
-                let law = init::Law::of(config.init, config.init_scale, fan_out, fan_in);
-                Tensor::from_vec(law.draw(fan_out, fan_in, rng), (fan_out, fan_in), device)
+        .map(|spec| {
+            let shape = spec.shape.as_slice();
+            match spec.role {
+                Role::Weight { fan_in, fan_out } => {
+                    let law = init::Law::of(config.init, config.init_scale, fan_out, fan_in);
+                    let rows = shape[0];
+                    let cols = shape[1..].iter().product();
+                    Tensor::from_vec(law.draw(rows, cols, rng), shape, device)
+                }
+                Role::Bias => Tensor::full(config.bias_init as f32, shape, device),
+                Role::NormScale | Role::RunningVar => Tensor::ones(shape, DType::F32, device),
+                Role::NormShift | Role::RunningMean => Tensor::zeros(shape, DType::F32, device),
             }
-            _ => Tensor::full(config.bias_init as f32, shape.as_slice(), device),
         })
         .collect()
 }
 
-/// Reads every parameter from a safetensors file; names and shapes must match.
-fn read_init_file(
-    path: &Path,
-    shapes: &[(String, Vec<usize>)],
-    device: &Device,
-) -> Result<Vec<Tensor>, UserError> {
+/// Reads every parameter from a safetensors file; names and shapes must
+/// match. BatchNorm's running statistics are taken from the file when there,
+/// else start at mean 0, variance 1.
+fn read_init_file(path: &Path, specs: &[Spec], device: &Device) -> Result<Vec<Tensor>, UserError> {
     let err = |message: String| UserError::data(path, message);
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| err(format!("not a readable safetensors file: {e}")))?;
-    let values = shapes
+    let values = specs
         .iter()
-        .map(|(name, shape)| {
-            let tensor = tensors
-                .remove(name)
-                .ok_or_else(|| err(format!("has no tensor `{name}`")))?;
+        .map(|spec| {
+            let (name, shape) = (&spec.name, &spec.shape);
+            let Some(tensor) = tensors.remove(name) else {
+                return match spec.role {
+                    Role::RunningMean => Tensor::zeros(shape.as_slice(), DType::F32, device),
+                    Role::RunningVar => Tensor::ones(shape.as_slice(), DType::F32, device),
+                    _ => return Err(err(format!("has no tensor `{name}`"))),
+                }
+                .map_err(|e| err(format!("`{name}`: {e}")));
+            };
             if tensor.dims() != shape.as_slice() {
                 return Err(err(format!(
                     "`{name}` has shape {:?}, the model needs {shape:?}",
@@ -235,7 +553,7 @@ fn read_init_file(
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(extra) = tensors.keys().min() {
         return Err(err(format!(
-            "has a tensor `{extra}` that the model does not (check model.hidden)"
+            "has a tensor `{extra}` that the model does not (check model.hidden and model.conv)"
         )));
     }
     Ok(values)
@@ -246,8 +564,8 @@ mod tests {
     use super::*;
     use crate::config::InitScheme;
 
-    fn model(config: &ModelConfig) -> Mlp {
-        Mlp::new(&Mlp::widths(4, config, 3), config, 0, &Device::Cpu).unwrap()
+    fn model(config: &ModelConfig) -> Model {
+        Model::new(config, &[4], 3, 0, &Device::Cpu).unwrap()
     }
 
     #[test]
@@ -296,7 +614,7 @@ mod tests {
             dropout: 0.5,
             ..ModelConfig::default()
         };
-        let m = Mlp::new(&[1, 2000, 1], &config, 0, &Device::Cpu).unwrap();
+        let m = Model::new(&config, &[1], 1, 0, &Device::Cpu).unwrap();
         let x = Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap();
         let eval = m.forward(&x, None).unwrap().to_vec2::<f32>().unwrap()[0][0];
         assert_eq!(eval, 2000.0);
@@ -336,7 +654,198 @@ mod tests {
             init_from: Some(path),
             ..config
         };
-        let err = Mlp::new(&Mlp::widths(4, &wider, 3), &wider, 0, &Device::Cpu).unwrap_err();
+        let err = Model::new(&wider, &[4], 3, 0, &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("shape"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod cnn_tests {
+    use super::*;
+    use crate::config::{InitScheme, Pool};
+
+    fn cnn(conv: Vec<[usize; 2]>, batch_norm: bool) -> ModelConfig {
+        ModelConfig {
+            kind: ModelKind::Cnn,
+            conv,
+            batch_norm,
+            hidden: vec![7],
+            ..ModelConfig::default()
+        }
+    }
+
+    fn shapes(tensors: &[Param]) -> Vec<(String, Vec<usize>)> {
+        tensors
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor().dims().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn parameters_and_buffers_follow_the_contract_names_and_shapes() {
+        let config = cnn(vec![[4, 3], [6, 5]], true);
+        let m = Model::new(&config, &[12, 12], 3, 0, &Device::Cpu).unwrap();
+        let named = |list: &[(&str, &[usize])]| -> Vec<(String, Vec<usize>)> {
+            list.iter()
+                .map(|(n, s)| (n.to_string(), s.to_vec()))
+                .collect()
+        };
+        // 12×12 → same conv 12×12 → pool 6×6 → same conv 6×6 → pool 3×3: 6·3·3 = 54 features.
+        assert_eq!(
+            shapes(m.params()),
+            named(&[
+                ("conv1.weight", &[4, 1, 3, 3]),
+                ("conv1.bias", &[4]),
+                ("bn1.weight", &[4]),
+                ("bn1.bias", &[4]),
+                ("conv2.weight", &[6, 4, 5, 5]),
+                ("conv2.bias", &[6]),
+                ("bn2.weight", &[6]),
+                ("bn2.bias", &[6]),
+                ("fc1.weight", &[7, 54]),
+                ("fc1.bias", &[7]),
+                ("fc2.weight", &[3, 7]),
+                ("fc2.bias", &[3]),
+            ])
+        );
+        assert_eq!(
+            shapes(m.buffers()),
+            named(&[
+                ("bn1.running_mean", &[4]),
+                ("bn1.running_var", &[4]),
+                ("bn2.running_mean", &[6]),
+                ("bn2.running_var", &[6]),
+            ])
+        );
+        assert_eq!(m.named_tensors().len(), 16);
+        let x = Tensor::ones((2, 144), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&x, None).unwrap().dims(), &[2, 3]);
+        let (_, trace) = m.forward_traced(&x, None, true).unwrap();
+        let trace = trace.unwrap();
+        assert_eq!(trace.layers, ["conv1", "conv2", "fc1", "fc2"]);
+        assert_eq!(trace.acts[0].dims(), [2, 12, 12, 4]);
+        assert_eq!(trace.preacts[1].dims(), [2, 6, 6, 6]);
+    }
+
+    #[test]
+    fn valid_padding_and_pooling_shrink_the_image_and_too_much_is_a_config_error() {
+        let mut config = cnn(vec![[4, 3]], false);
+        config.padding = Padding::Valid;
+        config.pool = Pool::Avg;
+        // 12 → 10 → 5.
+        let m = Model::new(&config, &[12, 12], 3, 0, &Device::Cpu).unwrap();
+        assert_eq!(m.params()[2].tensor().dims(), [7, 4 * 5 * 5]);
+        config.conv.push([2, 5]); // 5 → 1 → pooled to 0
+        let err = Model::new(&config, &[12, 12], 3, 0, &Device::Cpu).unwrap_err();
+        let err = err.downcast::<UserError>().unwrap();
+        assert!(err.to_string().contains("model.conv"), "{err}");
+        let err = Model::new(&cnn(vec![[4, 3]], false), &[12], 3, 0, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("model.kind"), "{err}");
+    }
+
+    /// Every scheme draws a kernel `[out, in, k, k]` with fan_in = in·k·k and
+    /// fan_out = out·k·k: the sample variance of conv2's kernel (18,432
+    /// values) matches the scheme's variance at those fans to 5%.
+    #[test]
+    fn kernels_are_drawn_with_convolution_fans() {
+        let (c_in, c_out, k) = (32, 64, 3);
+        for scheme in [
+            InitScheme::Normal,
+            InitScheme::Uniform,
+            InitScheme::UniformFanIn,
+            InitScheme::XavierNormal,
+            InitScheme::XavierUniform,
+            InitScheme::HeNormal,
+            InitScheme::HeUniform,
+            InitScheme::LecunNormal,
+            InitScheme::Orthogonal,
+            InitScheme::Constant,
+            InitScheme::Zeros,
+        ] {
+            let mut config = cnn(vec![[c_in, k], [c_out, k]], false);
+            config.init = scheme;
+            config.init_scale = 0.5;
+            let m = Model::new(&config, &[8, 8], 3, 0, &Device::Cpu).unwrap();
+            let kernel = m.params()[2].tensor();
+            assert_eq!(kernel.dims(), [c_out, c_in, k, k]);
+            let w: Vec<f64> = kernel
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let n = w.len() as f64;
+            let mean_sq = w.iter().map(|v| v * v).sum::<f64>() / n;
+            let (fan_in, fan_out) = ((c_in * k * k) as f64, (c_out * k * k) as f64);
+            let expected = match init::Law::of(scheme, 0.5, c_out * k * k, c_in * k * k) {
+                init::Law::Normal { std } => std * std,
+                init::Law::Uniform { bound } => bound * bound / 3.0,
+                init::Law::Constant(v) => v * v,
+                // Orthonormal rows of [64, 288], times the gain: each row has norm 0.5.
+                init::Law::Orthogonal { gain } => gain * gain / (c_in * k * k) as f64,
+            };
+            let by_hand = match scheme {
+                InitScheme::HeNormal | InitScheme::HeUniform => 0.25 * 2.0 / fan_in,
+                InitScheme::XavierNormal | InitScheme::XavierUniform => {
+                    0.25 * 2.0 / (fan_in + fan_out)
+                }
+                InitScheme::LecunNormal | InitScheme::UniformFanIn => {
+                    0.25 / fan_in
+                        * if scheme == InitScheme::UniformFanIn {
+                            1.0 / 3.0
+                        } else {
+                            1.0
+                        }
+                }
+                _ => expected,
+            };
+            assert!(
+                (expected - by_hand).abs() <= 1e-12,
+                "{scheme:?}: {expected} vs {by_hand}"
+            );
+            assert!(
+                (mean_sq - expected).abs() <= 0.05 * expected,
+                "{scheme:?}: {mean_sq} vs {expected}"
+            );
+            if scheme == InitScheme::Orthogonal {
+                let rows = kernel.flatten_from(1).unwrap();
+                let gram = rows.matmul(&rows.t().unwrap()).unwrap();
+                let eye = (Tensor::eye(c_out, DType::F32, &Device::Cpu).unwrap() * 0.25).unwrap();
+                let off = (gram - eye).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(off.to_scalar::<f32>().unwrap() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn init_from_may_carry_running_statistics() {
+        let config = cnn(vec![[2, 3]], true);
+        let m = Model::new(&config, &[4, 4], 3, 0, &Device::Cpu).unwrap();
+        m.buffers()[1]
+            .var
+            .set(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let with = dir.path().join("with.safetensors");
+        candle_core::safetensors::save(&m.named_tensors(), &with).unwrap();
+        let only_params: HashMap<String, Tensor> = m
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor().clone()))
+            .collect();
+        let without = dir.path().join("without.safetensors");
+        candle_core::safetensors::save(&only_params, &without).unwrap();
+        let load = |path: &Path| {
+            let config = ModelConfig {
+                init_from: Some(path.to_path_buf()),
+                ..config.clone()
+            };
+            let m = Model::new(&config, &[4, 4], 3, 0, &Device::Cpu).unwrap();
+            m.buffers()[1].tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(load(&with), [3.0, 4.0]);
+        assert_eq!(load(&without), [1.0, 1.0]);
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::step::correct;
 use crate::data::Dataset;
-use crate::model::Mlp;
+use crate::model::Model;
 use crate::sinks::Record;
 
 /// Evaluations are done in chunks of this many samples to bound memory.
@@ -23,7 +23,7 @@ pub struct BestSoFar {
 
 /// Mean loss and accuracy of the model on a whole split.
 pub fn loss_and_accuracy(
-    model: &Mlp,
+    model: &Model,
     data: &Dataset,
     device: &Device,
 ) -> anyhow::Result<(f64, f64)> {
@@ -45,7 +45,7 @@ pub fn loss_and_accuracy(
 
 /// Validation loss and accuracy, added to `record` and to the best figures.
 pub fn evaluate(
-    model: &Mlp,
+    model: &Model,
     val: Option<&Dataset>,
     device: &Device,
     record: &mut Record,

@@ -27,7 +27,7 @@ use crate::device;
 use crate::diagnostics::{layer_stats, spectra};
 use crate::divergence::{Detector, DetectorState, Verdict};
 use crate::error::UserError;
-use crate::model::Mlp;
+use crate::model::Model;
 use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
 use crate::rng::{self, Rng, RngState, Stream};
@@ -131,8 +131,7 @@ pub struct Trainer {
     config: Config,
     device: Device,
     data: data::Splits,
-    widths: Vec<usize>,
-    model: Mlp,
+    model: Model,
     optimizer: Optimizer,
     batcher: Batcher,
     dropout_rng: Rng,
@@ -150,18 +149,13 @@ impl Trainer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let device = device::select(config.device)?;
         let data = data::load(config)?;
-        let widths = Mlp::widths(data.train.features(), &config.model, data.classes);
-        if let Some(w) = widths
-            .windows(2)
-            .find(|w| w[0].saturating_mul(w[1]) > 1 << 30)
-        {
-            return Err(UserError::key(
-                "model.hidden",
-                format!("a {}×{} layer would not fit in memory", w[1], w[0]),
-            )
-            .into());
-        }
-        let model = Mlp::new(&widths, &config.model, config.seed, &device)?;
+        let model = Model::new(
+            &config.model,
+            &data.train.sample_shape,
+            data.classes,
+            config.seed,
+            &device,
+        )?;
         let batcher = Batcher::new(
             data.train.len(),
             config.data.batch_size,
@@ -175,7 +169,6 @@ impl Trainer {
             config: config.clone(),
             device,
             data,
-            widths,
             model,
             batcher,
             step: 0,
@@ -200,7 +193,7 @@ impl Trainer {
         let ckpt: Checkpoint<TrainingState> = checkpoint::load(checkpoints, step, &trainer.device)?;
         let params_file = checkpoint::params_path(checkpoints, step);
         let damaged = |message: String| UserError::data(&params_file, message);
-        for param in trainer.model.params() {
+        for param in trainer.model.params().iter().chain(trainer.model.buffers()) {
             let value = ckpt
                 .params
                 .get(&param.name)
@@ -408,13 +401,7 @@ impl Trainer {
             }
             let grads = g.grads.as_ref().expect("a finite loss has gradients");
             if let Some(trace) = &g.trace {
-                layer_stats(
-                    self.model.params(),
-                    trace,
-                    grads,
-                    self.model.activation(),
-                    &mut record,
-                )?;
+                layer_stats(&self.model, trace, grads, &mut record)?;
             }
             if every(spectrum_every) {
                 spectra(self.model.params(), &mut record)?;
@@ -511,9 +498,9 @@ impl Trainer {
             step => format!(" from step {step}"),
         };
         console.note(&format!(
-            "{}: MLP {:?} ({} parameters), {} train / {} val samples, {} classes{from} -> {}",
+            "{}: {} ({} parameters), {} train / {} val samples, {} classes{from} -> {}",
             self.config.name,
-            self.widths,
+            self.model.describe(),
             self.parameters(),
             self.data.train.len(),
             self.data.val.as_ref().map_or(0, Dataset::len),

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
 use crate::diagnostics::{BeforeStep, layer_stats};
-use crate::model::{Mlp, Trace};
+use crate::model::{Model, Trace};
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::sinks::Record;
@@ -35,7 +35,7 @@ pub struct Gradients {
 /// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
 /// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
 pub fn forward_backward(
-    model: &Mlp,
+    model: &Model,
     (x, y): (&Tensor, &Tensor),
     dropout_rng: &mut Rng,
     trace: bool,
@@ -56,7 +56,7 @@ pub fn forward_backward(
 }
 
 /// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any gradient is).
-pub fn global_grad_norm(model: &Mlp, grads: &GradStore) -> anyhow::Result<f64> {
+pub fn global_grad_norm(model: &Model, grads: &GradStore) -> anyhow::Result<f64> {
     let squares = model
         .params()
         .iter()
@@ -86,7 +86,7 @@ pub fn record_batch(
 
 /// The optimizer step, with the per-parameter measurements and histograms the probe asks for.
 pub fn apply_update(
-    model: &Mlp,
+    model: &Model,
     optimizer: &mut Optimizer,
     grads: &GradStore,
     lr: f64,
@@ -123,7 +123,7 @@ pub fn apply_update(
 /// One whole update as the benchmark times it: forward, backward, step.
 /// Returns the loss; a non-finite loss leaves the parameters untouched.
 pub fn train_step(
-    model: &Mlp,
+    model: &Model,
     optimizer: &mut Optimizer,
     batch: (&Tensor, &Tensor),
     lr: f64,
@@ -137,7 +137,7 @@ pub fn train_step(
     }
     if let Some(grads) = &g.grads {
         if let Some(trace) = &g.trace {
-            layer_stats(model.params(), trace, grads, model.activation(), record)?;
+            layer_stats(model, trace, grads, record)?;
         }
         apply_update(model, optimizer, grads, lr, record, probe)?;
     }
