@@ -47,3 +47,12 @@ isometry:
 # Fuzz the IDX parser (needs `cargo install cargo-fuzz` and a nightly toolchain)
 fuzz-idx seconds="60":
     cargo +nightly fuzz run idx -- -max_total_time={{seconds}}
+
+# Training-step throughput of the bench cases, SGD and LARS, measurements off and on: `just bench --case mlp-256-b128 --steps 10`
+bench *args="":
+    cargo run --release -- bench {{args}}
+
+# larslab against the JAX reference on this CPU (bench/README.md): `just bench-compare ~/jaxenv/bin/python --case deep30-b128`
+bench-compare python="python3" *args="":
+    cargo build --release
+    {{python}} bench/compare.py --python {{python}} {{args}}

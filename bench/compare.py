@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""larslab's training-step throughput against the JAX reference, as a markdown table.
+
+Runs `target/release/larslab bench --format json` and
+`bench/jax_reference.py --format json` one after the other with the same
+settings (cases, steps, repeats, warm-up, threads), or reads their JSON
+from files (`--larslab FILE`, `--jax FILE`), and prints, per case and
+optimizer, larslab's steps/s with measurements off and on, JAX's steps/s,
+and larslab / JAX for each (>= 1.00: larslab is at least as fast).
+
+JAX usually lives in a virtual environment: pass its interpreter with
+`--python ~/jaxenv/bin/python` (see bench/README.md). Standard library only;
+larslab itself must already be built (`cargo build --release`).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--larslab", metavar="FILE", help="read larslab's results (`larslab bench --format json`) instead of running it")
+    p.add_argument("--jax", metavar="FILE", help="read the JAX results (`jax_reference.py --format json`) instead of running it")
+    p.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "larslab"), help="the larslab binary (target/release/larslab)")
+    p.add_argument("--python", default=sys.executable, help="the interpreter that has jax (default: this one)")
+    p.add_argument("--case", help="one case (default: all)")
+    p.add_argument("--steps", type=int, help="timed steps per repeat (the benchmarks' default: 20)")
+    p.add_argument("--repeats", type=int, help="timed repeats, median reported (default: 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 5)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads for both: RAYON_NUM_THREADS for larslab (its matrix products; element-wise work stays on the calling thread), --threads for JAX (2)",
+    )
+    p.add_argument("--save", metavar="DIR", help="also write the raw results to DIR/larslab.json and DIR/jax.json")
+    return p.parse_args(argv)
+
+
+def shared_options(args):
+    out = []
+    for name in ("case", "steps", "repeats", "warmup"):
+        value = getattr(args, name)
+        if value is not None:
+            out += [f"--{name}", str(value)]
+    return out
+
+
+def run_json(command, env, what, hint):
+    print(f"running {what}: {' '.join(command)}", file=sys.stderr)
+    try:
+        done = subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    except OSError as e:
+        sys.exit(f"compare.py: cannot run {what} ({e}); {hint}")
+    if done.returncode != 0:
+        sys.exit(f"compare.py: {what} failed with exit status {done.returncode}; {hint}")
+    return parse_results(done.stdout, what)
+
+
+def parse_results(text, what):
+    try:
+        results = json.loads(text[text.index("[") :])
+    except ValueError as e:
+        sys.exit(f"compare.py: {what} did not give a JSON list of results ({e})")
+    return results
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return parse_results(f.read(), what)
+    except OSError as e:
+        sys.exit(f"compare.py: cannot read {what} results: {e}")
+
+
+def larslab_results(args):
+    if args.larslab:
+        return read_json(args.larslab, "larslab")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    command = [args.binary, "bench", "--format", "json", *shared_options(args)]
+    return run_json(command, env, "larslab", "build it first with `cargo build --release`, or pass --binary")
+
+
+def jax_results(args):
+    if args.jax:
+        return read_json(args.jax, "JAX")
+    script = os.path.join(ROOT, "bench", "jax_reference.py")
+    command = [args.python, script, "--format", "json", "--threads", str(args.threads), *shared_options(args)]
+    return run_json(command, dict(os.environ), "the JAX reference", "is jax installed for --python (bench/README.md)?")
+
+
+def fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def table(larslab, jax):
+    """The markdown table, and warnings about settings that differ between the two."""
+    warnings = []
+
+    def find(results, case, optimizer, measurements):
+        return next(
+            (r for r in results if r["case"] == case and r["optimizer"] == optimizer and bool(r["measurements"]) == measurements),
+            None,
+        )
+
+    keys = []
+    for r in larslab + jax:
+        if (r["case"], r["optimizer"]) not in keys:
+            keys.append((r["case"], r["optimizer"]))
+    lines = [
+        "| case | optimizer | larslab, measurements off (steps/s) | larslab, measurements on (steps/s) "
+        "| JAX (steps/s) | off / JAX | on / JAX |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case, optimizer in keys:
+        off = find(larslab, case, optimizer, False)
+        on = find(larslab, case, optimizer, True)
+        ref = find(jax, case, optimizer, False)
+        for mine in (off, on):
+            if mine is None or ref is None:
+                continue
+            for field in ("batch", "parameters", "threads", "steps_per_repeat", "repeats"):
+                if mine.get(field) != ref.get(field):
+                    warning = f"{case} {optimizer}: {field} differs (larslab {mine.get(field)}, JAX {ref.get(field)})"
+                    if warning not in warnings:
+                        warnings.append(warning)
+        rate = lambda r: None if r is None else r["steps_per_sec"]  # noqa: E731
+        lines.append(
+            f"| {case} | {optimizer} | {fmt(rate(off))} | {fmt(rate(on))} | {fmt(rate(ref))} "
+            f"| {fmt(ratio(rate(off), rate(ref)))} | {fmt(ratio(rate(on), rate(ref)))} |"
+        )
+    return "\n".join(lines) + "\n", warnings
+
+
+def describe(results):
+    """One line on how the results were taken."""
+    if not results:
+        return "no results"
+    r = results[0]
+    implementation = r.get("implementation", "larslab (candle, CPU)")
+    return f"{implementation}: {r['threads']} threads, median of {r['repeats']} repeats of {r['steps_per_repeat']} steps"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # One after the other, never together: each gets the CPU to itself.
+    larslab = larslab_results(args)
+    jax = jax_results(args)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        for name, results in (("larslab", larslab), ("jax", jax)):
+            with open(os.path.join(args.save, f"{name}.json"), "w") as f:
+                json.dump(results, f, indent=2)
+                f.write("\n")
+    text, warnings = table(larslab, jax)
+    print(f"- larslab: {describe(larslab)}")
+    print(f"- JAX: {describe(jax)}")
+    print("- ratios are larslab / JAX steps per second: 1.00 or more means larslab is at least as fast")
+    print()
+    print(text, end="")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
