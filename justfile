@@ -56,3 +56,9 @@ bench *args="":
 bench-compare python="python3" *args="":
     cargo build --release
     {{python}} bench/compare.py --python {{python}} {{args}}
+
+# CNN with and without BatchNorm, SGD and LARS, at batch 4096 and 128 (experiments/cnn-bn-large-batch.toml)
+cnn-bn:
+    cargo run --release -- sweep --config experiments/cnn-bn-large-batch.toml
+    cargo run --release -- sweep --config experiments/cnn-bn-large-batch.toml --name cnn-bn-small-batch --set data.batch_size=128 --set optimizer.lr=0.1 --set train.steps=1560
+    cargo run --release -- compare runs/cnn-bn-large-batch-sweep runs/cnn-bn-small-batch --sort final_val_accuracy
