@@ -105,12 +105,7 @@ impl BeforeStep {
 ///   (sigmoid, tanh): share of outputs within 1% of the activation's bounds;
 /// - `symmetry`: mean pairwise cosine similarity of the units' weights (the
 ///   rows of a weight matrix, the flattened kernels of a convolution).
-pub fn layer_stats(
-    model: &Model,
-    trace: &Trace,
-    grads: &GradStore,
-    record: &mut Record,
-) -> Result<()> {
+pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<()> {
     let mut tags = Vec::new();
     let mut scalars = Vec::new();
     let mut add = |tag: String, value: Tensor| {
@@ -139,10 +134,8 @@ pub fn layer_stats(
             _ => {}
         }
     }
-    for (layer, probe) in trace.layers.iter().zip(&trace.probes) {
-        if let Some(grad) = grads.get(probe.as_tensor()) {
-            add(format!("preact_grad_std/{layer}"), std_all(grad)?);
-        }
+    for (layer, grad) in trace.layers.iter().zip(&trace.preact_grads) {
+        add(format!("preact_grad_std/{layer}"), std_all(grad)?);
     }
     for (layer, weight) in model.layer_weights() {
         if weight.dim(0)? >= 2 {

@@ -64,11 +64,11 @@ pub fn probe(config: &Config, inputs: usize) -> anyhow::Result<ProbeReport> {
     let n = config.data.batch_size.min(data.train.len());
     let indices: Vec<usize> = (0..n).collect();
     let (x, y) = data.train.batch(&indices, &device)?;
-    let (logits, trace) = model.forward_traced(&x, None, true)?;
-    let trace = trace.expect("asked for a trace");
+    let (logits, mut trace) = model.forward_traced(&x, None, true)?;
     let grads = candle_nn::loss::cross_entropy(&logits, &y)?.backward()?;
+    trace.read_probes(&grads);
     let mut record = Record::new(0);
-    layer_stats(&model, &trace, &grads, &mut record)?;
+    layer_stats(&model, &trace, &mut record)?;
     let layers = trace
         .layers
         .iter()

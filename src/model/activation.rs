@@ -22,6 +22,25 @@ impl Activation {
             Activation::Identity => Ok(x.clone()),
         }
     }
+
+    /// φ'(z), given z and h = φ(z). ReLU's derivative at 0 is 0, as in
+    /// PyTorch and JAX (candle's autograd takes 1). GELU and SELU go through
+    /// candle's autograd of [`Activation::forward`].
+    pub fn derivative(self, z: &Tensor, h: &Tensor) -> Result<Tensor> {
+        let positive = || z.gt(0f32)?.to_dtype(z.dtype());
+        match self {
+            Activation::Relu => positive(),
+            Activation::LeakyRelu => (positive()? * (1.0 - LEAKY_SLOPE))? + LEAKY_SLOPE,
+            Activation::Tanh => h.sqr()?.affine(-1.0, 1.0),
+            Activation::Sigmoid => h * h.affine(-1.0, 1.0)?,
+            Activation::Identity => z.ones_like(),
+            Activation::Gelu | Activation::Selu => {
+                let z = candle_core::Var::from_tensor(&z.detach())?;
+                let grads = self.forward(z.as_tensor())?.sum_all()?.backward()?;
+                Ok(grads.get(z.as_tensor()).expect("z reaches the sum").clone())
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! parameters in layer order.
 
 pub mod activation;
+pub mod backward;
 pub mod init;
 pub mod layers;
 mod ops;
@@ -384,21 +385,19 @@ impl Model {
         Ok(self.forward_traced(x, dropout_rng, false)?.0)
     }
 
-    /// [`Model::forward`], optionally keeping what happens inside: every
-    /// layer's pre-activation z_i (the activation's input, after BatchNorm;
-    /// `[n, units]`, or `[n, h, w, channels]` for a convolution),
-    /// with a zero-valued probe variable added so that the backward pass
-    /// keeps ∂L/∂z_i (candle drops the gradients of intermediate tensors, but
-    /// keeps those of variables; adding 0 changes no value), and every hidden
-    /// layer's output h_i (before pooling or dropout).
+    /// [`Model::forward`], keeping what happens inside (see [`Trace`]). With
+    /// `probes`, a zero-valued probe variable is added to every
+    /// pre-activation so that candle's backward pass keeps ∂L/∂z_i (it drops
+    /// the gradients of intermediate tensors, but keeps those of variables;
+    /// adding 0 changes no value).
     pub fn forward_traced(
         &self,
         x: &Tensor,
         mut dropout_rng: Option<&mut Rng>,
-        trace: bool,
-    ) -> candle_core::Result<(Tensor, Option<Trace>)> {
+        probes: bool,
+    ) -> candle_core::Result<(Tensor, Trace)> {
         let training = dropout_rng.is_some();
-        let mut traced = trace.then(Trace::default);
+        let mut trace = Trace::default();
         let mut h = x.clone();
         if let Some([c, height, width]) = self.image {
             h = h
@@ -409,31 +408,37 @@ impl Model {
                 if let Some(norm) = &block.norm {
                     z = norm.forward(&z, training)?;
                 }
-                let z = observe(traced.as_mut(), &block.conv.name, z)?;
+                let z = trace.observe(&block.conv.name, z, probes)?;
                 let a = self.activation.forward(&z)?;
-                if let Some(t) = traced.as_mut() {
-                    t.acts.push(a.clone());
-                }
+                trace.acts.push(a.clone());
                 h = self.pool.forward(&a)?;
             }
             // The head sees PyTorch's (channel, row, column) order.
             h = h.permute((0, 3, 1, 2))?.flatten_from(1)?;
         }
         for (i, layer) in self.dense.iter().enumerate() {
-            let z = observe(traced.as_mut(), &layer.name, layer.forward(&h)?)?;
+            trace.inputs.push(h.clone());
+            let z = trace.observe(&layer.name, layer.forward(&h)?, probes)?;
             if i + 1 == self.dense.len() {
-                return Ok((z, traced));
+                return Ok((z, trace));
             }
             h = self.activation.forward(&z)?;
-            if let Some(t) = traced.as_mut() {
-                t.acts.push(h.clone());
-            }
-            if let Some(rng) = dropout_rng.as_deref_mut().filter(|_| self.dropout > 0.0) {
-                let mask = dropout_mask(h.dims(), self.dropout, rng, x.device())?;
+            trace.acts.push(h.clone());
+            let mask = match dropout_rng.as_deref_mut().filter(|_| self.dropout > 0.0) {
+                Some(rng) => Some(dropout_mask(h.dims(), self.dropout, rng, x.device())?),
+                None => None,
+            };
+            if let Some(mask) = &mask {
                 h = (h * mask)?;
             }
+            trace.masks.push(mask);
         }
         unreachable!("a model has at least its output layer")
+    }
+
+    /// The dense layers (`fc1 …`), in order.
+    pub fn dense(&self) -> &[Dense] {
+        &self.dense
     }
 
     pub fn activation(&self) -> Activation {
@@ -450,29 +455,51 @@ impl Model {
     }
 }
 
-/// Adds a zero probe variable to `z` and records both, when tracing.
-fn observe(trace: Option<&mut Trace>, layer: &str, z: Tensor) -> candle_core::Result<Tensor> {
-    let Some(t) = trace else {
-        return Ok(z);
-    };
-    let probe = Var::zeros(z.dims(), z.dtype(), z.device())?;
-    let z = (z + probe.as_tensor())?;
-    t.layers.push(layer.to_string());
-    t.preacts.push(z.clone());
-    t.probes.push(probe);
-    Ok(z)
-}
-
-/// What [`Model::forward_traced`] keeps: per weighted layer (conv1 …, fc1 …)
-/// its name, pre-activation and probe variable; per hidden layer (all but
-/// the last) the activation.
+/// What [`Model::forward_traced`] keeps, per weighted layer (conv1 …, fc1 …)
+/// unless said otherwise.
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     pub layers: Vec<String>,
+    /// z_i, the activation's input (after BatchNorm): `[n, units]`, or
+    /// `[n, h, w, channels]` for a convolution.
     pub preacts: Vec<Tensor>,
-    /// `grads.get(probes[i])` is ∂L/∂z_i after the backward pass.
+    /// The zero probe variables, when asked for: `grads.get(probes[i])` is
+    /// ∂L/∂z_i after candle's backward pass.
     pub probes: Vec<Var>,
+    /// h_i = φ(z_i) of every layer but the last (before pooling or dropout).
     pub acts: Vec<Tensor>,
+    /// Per dense layer, its input (after the previous layer's dropout).
+    pub inputs: Vec<Tensor>,
+    /// Per hidden dense layer, the dropout mask applied to its output.
+    pub masks: Vec<Option<Tensor>>,
+    /// ∂L/∂z_i, once a backward pass has filled it in.
+    pub preact_grads: Vec<Tensor>,
+}
+
+impl Trace {
+    /// Records the layer and its pre-activation, with a probe added if asked.
+    fn observe(&mut self, layer: &str, z: Tensor, probe: bool) -> candle_core::Result<Tensor> {
+        let z = if probe {
+            let probe = Var::zeros(z.dims(), z.dtype(), z.device())?;
+            let z = (z + probe.as_tensor())?;
+            self.probes.push(probe);
+            z
+        } else {
+            z
+        };
+        self.layers.push(layer.to_string());
+        self.preacts.push(z.clone());
+        Ok(z)
+    }
+
+    /// Fills in `preact_grads` from the probes' gradients after candle's backward pass.
+    pub fn read_probes(&mut self, grads: &candle_core::backprop::GradStore) {
+        self.preact_grads = self
+            .probes
+            .iter()
+            .filter_map(|probe| grads.get(probe.as_tensor()).cloned())
+            .collect();
+    }
 }
 
 /// Inverted dropout: zero with probability `p`, scale survivors by 1/(1−p), so
@@ -721,7 +748,6 @@ mod cnn_tests {
         let x = Tensor::ones((2, 144), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(m.forward(&x, None).unwrap().dims(), &[2, 3]);
         let (_, trace) = m.forward_traced(&x, None, true).unwrap();
-        let trace = trace.unwrap();
         assert_eq!(trace.layers, ["conv1", "conv2", "fc1", "fc2"]);
         assert_eq!(trace.acts[0].dims(), [2, 12, 12, 4]);
         assert_eq!(trace.preacts[1].dims(), [2, 6, 6, 6]);

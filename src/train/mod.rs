@@ -401,7 +401,7 @@ impl Trainer {
             }
             let grads = g.grads.as_ref().expect("a finite loss has gradients");
             if let Some(trace) = &g.trace {
-                layer_stats(&self.model, trace, grads, &mut record)?;
+                layer_stats(&self.model, trace, &mut record)?;
             }
             if every(spectrum_every) {
                 spectra(self.model.params(), &mut record)?;

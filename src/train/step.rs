@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
 use crate::diagnostics::{BeforeStep, layer_stats};
-use crate::model::{Model, Trace};
+use crate::model::{Model, Param, Trace, backward};
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::sinks::Record;
@@ -34,25 +34,83 @@ pub struct Gradients {
 
 /// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
 /// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
+/// An MLP's backward pass is written out ([`crate::model::backward`]); a
+/// CNN's goes through candle's autograd.
 pub fn forward_backward(
     model: &Model,
     (x, y): (&Tensor, &Tensor),
     dropout_rng: &mut Rng,
     trace: bool,
 ) -> anyhow::Result<Gradients> {
-    let (logits, trace) = model.forward_traced(x, Some(dropout_rng), trace)?;
+    let g = if model.is_convolutional() {
+        with_autograd(model, (x, y), dropout_rng, trace)?
+    } else {
+        by_hand(model, (x, y), dropout_rng)?
+    };
+    Ok(Gradients {
+        trace: g.trace.filter(|_| trace),
+        ..g
+    })
+}
+
+/// The explicit backward pass of an MLP.
+pub fn by_hand(
+    model: &Model,
+    (x, y): (&Tensor, &Tensor),
+    dropout_rng: &mut Rng,
+) -> anyhow::Result<Gradients> {
+    let (logits, mut trace) = model.forward_traced(x, Some(dropout_rng), false)?;
+    let (loss, logits_grad) = backward::cross_entropy(&logits, y)?;
+    let loss = loss.to_scalar::<f32>()? as f64;
+    let grads = if loss.is_finite() {
+        let grads = backward::backward(model, &mut trace, logits_grad)?;
+        Some(grad_store(model.params(), grads)?)
+    } else {
+        None
+    };
+    Ok(Gradients {
+        loss,
+        logits,
+        grads,
+        trace: Some(trace),
+    })
+}
+
+/// Candle's autograd, through zero probes on the pre-activations when traced.
+pub fn with_autograd(
+    model: &Model,
+    (x, y): (&Tensor, &Tensor),
+    dropout_rng: &mut Rng,
+    trace: bool,
+) -> anyhow::Result<Gradients> {
+    let (logits, mut traced) = model.forward_traced(x, Some(dropout_rng), trace)?;
     let loss = candle_nn::loss::cross_entropy(&logits, y)?;
     let loss_value = loss.to_scalar::<f32>()? as f64;
     let grads = loss_value
         .is_finite()
         .then(|| loss.backward())
         .transpose()?;
+    if let Some(grads) = &grads {
+        traced.read_probes(grads);
+    }
     Ok(Gradients {
         loss: loss_value,
         logits,
         grads,
-        trace,
+        trace: Some(traced),
     })
+}
+
+/// The gradients in candle's `GradStore`, which the optimizer and the
+/// measurements read. Candle offers no public constructor; the store of a
+/// backward pass through a constant is empty but for that constant.
+fn grad_store(params: &[Param], grads: Vec<Tensor>) -> candle_core::Result<GradStore> {
+    let device = params[0].tensor().device();
+    let mut store = Tensor::zeros((), DType::F32, device)?.backward()?;
+    for (param, grad) in params.iter().zip(grads) {
+        store.insert(param.tensor(), grad);
+    }
+    Ok(store)
 }
 
 /// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any gradient is).
@@ -137,7 +195,7 @@ pub fn train_step(
     }
     if let Some(grads) = &g.grads {
         if let Some(trace) = &g.trace {
-            layer_stats(model, trace, grads, record)?;
+            layer_stats(model, trace, record)?;
         }
         apply_update(model, optimizer, grads, lr, record, probe)?;
     }
