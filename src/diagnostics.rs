@@ -6,8 +6,8 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
 use crate::model::{Model, Param, Trace};
+use crate::ops::l2_norm;
 use crate::optim::ParamStep;
-use crate::optim::transforms::l2_norm;
 use crate::sinks::Record;
 
 /// The norms of θ_t and of its gradient, taken before the optimizer moves θ.

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fsutil;
 pub mod interrupt;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod probe;

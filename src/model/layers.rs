@@ -4,8 +4,8 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::ops::{BatchNormTrain, ChannelMoments, Im2Col, Pool2};
 use crate::config::Pool;
+use crate::ops::{BatchNormTrain, ChannelMoments, Im2Col, Pool2};
 
 /// `y = x Wᵀ + b`, with `W` `[out, in]`.
 #[derive(Debug, Clone)]

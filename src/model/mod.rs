@@ -5,7 +5,6 @@ pub mod activation;
 pub mod backward;
 pub mod init;
 pub mod layers;
-mod ops;
 
 use std::collections::HashMap;
 use std::path::Path;

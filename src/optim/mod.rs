@@ -209,7 +209,7 @@ impl Optimizer {
                     .try_fold(grad.clone(), |update, link| {
                         link.apply(&view, update, &mut report)
                     })?;
-                param.var.set(&(&value - &step)?)?;
+                crate::ops::subtract_in_place(&param.var, &step)?;
                 Ok(ParamStep { step, report })
             })
             .collect()

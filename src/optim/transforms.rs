@@ -7,10 +7,7 @@ use candle_core::{Result, Tensor};
 
 use super::{ParamView, StepReport, Transform};
 
-/// The Frobenius norm, as a 0-d tensor.
-pub fn l2_norm(t: &Tensor) -> Result<Tensor> {
-    t.sqr()?.sum_all()?.sqrt()
-}
+use crate::ops::l2_norm;
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).

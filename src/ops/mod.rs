@@ -1,17 +1,23 @@
-//! CPU kernels with explicit backward passes, as candle custom ops, for the
-//! convolutional layers. Candle's own versions work but differentiate
-//! through general reductions and broadcasts, which on CPU cost many times
-//! the arithmetic. Every op here is tested against candle's own result.
+//! CPU kernels as candle custom ops, with explicit backward passes where
+//! they are differentiated: the convolutional layers' (candle's own versions
+//! differentiate through general reductions and broadcasts, which on CPU
+//! cost many times the arithmetic) and the one-pass norm the optimizer and
+//! the measurements take of every tensor, and the in-place update. Every op is tested against
+//! candle's own result.
 
 mod batch_norm;
 mod im2col;
+mod norm;
 mod pool;
+mod subtract;
 
 use candle_core::{CpuStorage, Layout, Result, bail};
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
 pub use im2col::Im2Col;
+pub use norm::l2_norm;
 pub use pool::Pool2;
+pub use subtract::subtract_in_place;
 
 /// The values of a contiguous f32 tensor.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
