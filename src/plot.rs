@@ -37,6 +37,7 @@ pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::
     let (left, right) = root.split_horizontally(600);
 
     let layers = report.layers.len();
+    let names: Vec<String> = report.layers.iter().map(|l| l.name.clone()).collect();
     let series: [Series; 2] = [
         (
             "act_std",
@@ -78,7 +79,9 @@ pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::
         .map_err(to_io)?;
     chart
         .configure_mesh()
-        .x_desc("layer i (fc_i)")
+        .x_desc("layer")
+        .x_labels(layers.max(2))
+        .x_label_formatter(&|i| names.get(i.wrapping_sub(1)).cloned().unwrap_or_default())
         .y_desc("standard deviation")
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
@@ -165,7 +168,7 @@ pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::
         None => {
             right
                 .draw(&Text::new(
-                    "Jacobian: needs two hidden layers",
+                    "Jacobian: needs an MLP with two hidden layers",
                     (150, 200),
                     ("sans-serif", 18),
                 ))
