@@ -177,14 +177,14 @@ fn architecture(
                 layers.push(format!("{out}k{kernel}"));
             }
             let description = format!(
-                "CNN 1×{height}×{width} → conv [{}]{} {:?} pooling → {channels}×{h}×{w}, head",
+                "CNN 1×{height}×{width} → conv [{}]{}, {} pooling → {channels}×{h}×{w}, head",
                 layers.join(", "),
                 if config.batch_norm {
                     " + BatchNorm"
                 } else {
                     ""
                 },
-                config.pool
+                format!("{:?}", config.pool).to_lowercase()
             );
             (Some([1, height, width]), channels * h * w, description)
         }
