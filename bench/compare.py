@@ -20,6 +20,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The cases bench/jax_reference.py implements.
+JAX_CASES = ["mlp-1024-b128", "mlp-1024-b1024", "mlp-256-b128", "deep30-b128"]
 
 
 def parse_args(argv=None):
@@ -42,9 +44,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def shared_options(args):
+def shared_options(args, names=("case", "steps", "repeats", "warmup")):
     out = []
-    for name in ("case", "steps", "repeats", "warmup"):
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name}", str(value)]
@@ -82,8 +84,14 @@ def larslab_results(args):
     if args.larslab:
         return read_json(args.larslab, "larslab")
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    command = [args.binary, "bench", "--format", "json", *shared_options(args)]
-    return run_json(command, env, "larslab", "build it first with `cargo build --release`, or pass --binary")
+    # The JAX reference has the MLP cases only; larslab's CNN cases would take minutes for nothing.
+    cases = [args.case] if args.case else JAX_CASES
+    results = []
+    for case in cases:
+        timing = shared_options(args, ("steps", "repeats", "warmup"))
+        command = [args.binary, "bench", "--format", "json", *timing, "--case", case]
+        results += run_json(command, env, "larslab", "build it first with `cargo build --release`, or pass --binary")
+    return results
 
 
 def jax_results(args):
