@@ -48,6 +48,7 @@ impl Conv {
         if !x.device().is_cpu() {
             return x
                 .permute((0, 3, 1, 2))?
+                .contiguous()?
                 .conv2d(weight, p, 1, 1, 1)?
                 .permute((0, 2, 3, 1))?
                 .broadcast_add(self.bias.as_tensor());
