@@ -2,16 +2,10 @@ use clap::Parser;
 
 use larslab::cli::{Cli, Command};
 use larslab::commands::Outcome;
-use larslab::{commands, error, interrupt, threads};
-
-/// Training allocates and frees megabytes of tensors every step; glibc's
-/// allocator hands them back to the kernel and faults them in again
-/// (thousands of page faults per step), mimalloc keeps them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use larslab::{commands, error, interrupt, runtime};
 
 fn main() {
-    threads::configure();
+    runtime::configure();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(args) => commands::train(args),
