@@ -2,13 +2,15 @@
 //! they are differentiated: the convolutional layers' (candle's own versions
 //! differentiate through general reductions and broadcasts, which on CPU
 //! cost many times the arithmetic) and the one-pass norm the optimizer and
-//! the measurements take of every tensor, and the in-place update. Every op is tested against
+//! the measurements take of every tensor, the momentum update and the in-place
+//! parameter update. Every op is tested against
 //! candle's own result.
 
 mod batch_norm;
 mod im2col;
 mod norm;
 mod pool;
+mod scale_add;
 mod subtract;
 
 use candle_core::{CpuStorage, Layout, Result, bail};
@@ -17,6 +19,7 @@ pub use batch_norm::{BatchNormTrain, ChannelMoments};
 pub use im2col::Im2Col;
 pub use norm::l2_norm;
 pub use pool::Pool2;
+pub use scale_add::scale_add;
 pub use subtract::subtract_in_place;
 
 /// The values of a contiguous f32 tensor.

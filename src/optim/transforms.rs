@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 
 use super::{ParamView, StepReport, Transform};
 
-use crate::ops::l2_norm;
+use crate::ops::{l2_norm, scale_add};
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
@@ -125,11 +125,11 @@ impl Transform for Trace {
         }
         let buffer = slot_of(&mut self.buffers, param.index);
         let trace = match buffer.take() {
-            Some(previous) => ((previous * self.decay)? + &update)?,
+            Some(previous) => scale_add(&previous, self.decay, &update)?,
             None => update.clone(),
         };
         let out = if self.nesterov {
-            (&update + (&trace * self.decay)?)?
+            scale_add(&trace, self.decay, &update)?
         } else {
             trace.clone()
         };
