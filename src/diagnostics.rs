@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
 use crate::model::{Model, Param, Trace};
-use crate::ops::l2_norm;
+use crate::ops::{l2_norm, mean_pairwise_cosine};
 use crate::optim::ParamStep;
 use crate::sinks::Record;
 
@@ -141,7 +141,7 @@ pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<
         if weight.dim(0)? >= 2 {
             add(
                 format!("symmetry/{layer}"),
-                symmetry(&weight.flatten_from(1)?)?,
+                mean_pairwise_cosine(&weight.flatten_from(1)?)?,
             );
         }
     }
@@ -156,22 +156,6 @@ pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<
 fn std_all(t: &Tensor) -> Result<Tensor> {
     let mean = t.mean_all()?;
     t.broadcast_sub(&mean)?.sqr()?.mean_all()?.sqrt()
-}
-
-/// Mean cosine similarity over all pairs of distinct rows of `w` `[n, d]`:
-/// with unit rows u_i and s = Σ u_i, Σ_{i≠j} ⟨u_i, u_j⟩ = ‖s‖² − Σ‖u_i‖², so
-/// one pass over the matrix suffices, however wide the layer. All-zero rows
-/// count as orthogonal to everything.
-pub fn symmetry(w: &Tensor) -> Result<Tensor> {
-    // In f64: identical rows must give 1 to the last digit of an f32.
-    let w = &w.to_dtype(DType::F64)?;
-    let n = w.dim(0)? as f64;
-    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let safe = norms.maximum(f64::MIN_POSITIVE)?;
-    let units = w.broadcast_div(&safe)?;
-    let s = units.sum(0)?;
-    let self_terms = units.sqr()?.sum_all()?;
-    ((s.sqr()?.sum_all()? - self_terms)? / (n * (n - 1.0)))?.to_dtype(DType::F32)
 }
 
 /// Largest singular value and condition number (largest / smallest) of every

@@ -16,6 +16,7 @@
 use candle_core::{D, DType, Result, Tensor};
 
 use super::{Model, Trace};
+use crate::ops::matmul;
 
 /// The mean cross-entropy of `logits` for `labels`, and its gradient.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -39,12 +40,12 @@ pub fn backward(model: &Model, trace: &mut Trace, logits_grad: Tensor) -> Result
     let mut preact_grads = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate().rev() {
         grads.push(delta.sum(0)?);
-        grads.push(delta.t()?.matmul(&trace.inputs[i])?);
+        grads.push(matmul(&delta.t()?, &trace.inputs[i])?);
         preact_grads.push(delta.clone());
         if i == 0 {
             break;
         }
-        let mut upstream = delta.matmul(layer.weight.as_tensor())?;
+        let mut upstream = matmul(&delta, layer.weight.as_tensor())?;
         if let Some(mask) = &trace.masks[i - 1] {
             upstream = (upstream * mask)?;
         }

@@ -17,8 +17,7 @@ pub struct Dense {
 
 impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())
+        crate::ops::matmul(x, &self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
     }
 }
 

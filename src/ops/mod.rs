@@ -7,20 +7,32 @@
 //! candle's own result.
 
 mod batch_norm;
+#[cfg(feature = "openblas")]
+mod blas;
 mod im2col;
 mod norm;
 mod pool;
 mod scale_add;
 mod subtract;
+mod symmetry;
 
 use candle_core::{CpuStorage, Layout, Result, bail};
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
+#[cfg(feature = "openblas")]
+pub use blas::matmul;
 pub use im2col::Im2Col;
 pub use norm::l2_norm;
 pub use pool::Pool2;
 pub use scale_add::scale_add;
 pub use subtract::subtract_in_place;
+pub use symmetry::mean_pairwise_cosine;
+
+/// `a · b`: candle's matmul; with the `openblas` feature, OpenBLAS on the CPU.
+#[cfg(not(feature = "openblas"))]
+pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    a.matmul(b)
+}
 
 /// The values of a contiguous f32 tensor.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
