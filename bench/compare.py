@@ -40,6 +40,7 @@ def parse_args(argv=None):
         default=2,
         help="threads for both: RAYON_NUM_THREADS for larslab (its matrix products; element-wise work stays on the calling thread), --threads for JAX (2)",
     )
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (larslab, JAX) per case, median reported (3)")
     p.add_argument("--save", metavar="DIR", help="also write the raw results to DIR/larslab.json and DIR/jax.json")
     return p.parse_args(argv)
 
@@ -80,26 +81,53 @@ def read_json(path, what):
         sys.exit(f"compare.py: cannot read {what} results: {e}")
 
 
-def larslab_results(args):
-    if args.larslab:
-        return read_json(args.larslab, "larslab")
+def larslab_run(args, case):
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    timing = shared_options(args, ("steps", "repeats", "warmup"))
+    command = [args.binary, "bench", "--format", "json", *timing, "--case", case]
+    return run_json(command, env, "larslab", "build it first with `cargo build --release`, or pass --binary")
+
+
+def jax_run(args, case):
+    script = os.path.join(ROOT, "bench", "jax_reference.py")
+    timing = shared_options(args, ("steps", "repeats", "warmup"))
+    command = [args.python, script, "--format", "json", "--threads", str(args.threads), *timing, "--case", case]
+    return run_json(command, dict(os.environ), "the JAX reference", "is jax installed for --python (bench/README.md)?")
+
+
+def median_over_rounds(rounds):
+    """One result per configuration: the median steps/s over the rounds."""
+    merged = {}
+    for results in rounds:
+        for r in results:
+            merged.setdefault((r["case"], r["optimizer"], bool(r["measurements"])), []).append(r)
+    out = []
+    for runs in merged.values():
+        rates = sorted(r["steps_per_sec"] for r in runs)
+        n = len(rates)
+        rate = rates[n // 2] if n % 2 else (rates[n // 2 - 1] + rates[n // 2]) / 2
+        first = dict(runs[0])
+        first.update(steps_per_sec=rate, ms_per_step=1000.0 / rate, rounds=n)
+        first["gflops"] = runs[0]["gflops"] * rate / runs[0]["steps_per_sec"]
+        out.append(first)
+    return out
+
+
+def measure(args):
+    """Both programs, case by case, taking turns for `--rounds` rounds so
+    that drift in the machine's speed reaches both alike (the reference VM
+    drifts by ±30% from minute to minute); never both at once."""
     # The JAX reference has the MLP cases only; larslab's CNN cases would take minutes for nothing.
     cases = [args.case] if args.case else JAX_CASES
-    results = []
+    larslab, jax = [], []
     for case in cases:
-        timing = shared_options(args, ("steps", "repeats", "warmup"))
-        command = [args.binary, "bench", "--format", "json", *timing, "--case", case]
-        results += run_json(command, env, "larslab", "build it first with `cargo build --release`, or pass --binary")
-    return results
-
-
-def jax_results(args):
-    if args.jax:
-        return read_json(args.jax, "JAX")
-    script = os.path.join(ROOT, "bench", "jax_reference.py")
-    command = [args.python, script, "--format", "json", "--threads", str(args.threads), *shared_options(args)]
-    return run_json(command, dict(os.environ), "the JAX reference", "is jax installed for --python (bench/README.md)?")
+        rounds_l, rounds_j = [], []
+        for _ in range(args.rounds):
+            rounds_l.append(larslab_run(args, case) if not args.larslab else [])
+            rounds_j.append(jax_run(args, case) if not args.jax else [])
+        larslab += median_over_rounds(rounds_l)
+        jax += median_over_rounds(rounds_j)
+    return larslab, jax
 
 
 def fmt(value, digits=2):
@@ -155,14 +183,18 @@ def describe(results):
         return "no results"
     r = results[0]
     implementation = r.get("implementation", "larslab (candle, CPU)")
-    return f"{implementation}: {r['threads']} threads, median of {r['repeats']} repeats of {r['steps_per_repeat']} steps"
+    rounds = f", median over {r['rounds']} interleaved rounds" if r.get("rounds") else ""
+    return f"{implementation}: {r['threads']} threads, median of {r['repeats']} repeats of {r['steps_per_repeat']} steps{rounds}"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # One after the other, never together: each gets the CPU to itself.
-    larslab = larslab_results(args)
-    jax = jax_results(args)
+    larslab = read_json(args.larslab, "larslab") if args.larslab else None
+    jax = read_json(args.jax, "JAX") if args.jax else None
+    if larslab is None or jax is None:
+        measured_l, measured_j = measure(args)
+        larslab = larslab if larslab is not None else measured_l
+        jax = jax if jax is not None else measured_j
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         for name, results in (("larslab", larslab), ("jax", jax)):
