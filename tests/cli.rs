@@ -1,7 +1,7 @@
 //! End-to-end tests through the `larslab` binary, as a user runs it.
 
 mod common;
-use common::{read_json, stderr};
+use common::{mnist_dir, read_json, stderr};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -268,17 +268,6 @@ fn bad_input_exits_2_with_one_error_line_naming_the_culprit() {
     // clap's own usage errors also exit 2 with an `error:` first line.
     assert_user_error(d, &["train", "--no-such-flag"], "--no-such-flag");
     assert!(!d.join("runs").exists() || std::fs::read_dir(d.join("runs")).unwrap().count() <= 1);
-}
-
-/// The real MNIST test set from ../shared/data (or LARSLAB_MNIST_DIR). Absent
-/// on machines without the shared data, where this test says so and passes.
-fn mnist_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("LARSLAB_MNIST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist-t10k"));
-    dir.join("t10k-images-idx3-ubyte.gz")
-        .exists()
-        .then_some(dir)
 }
 
 #[test]

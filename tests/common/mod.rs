@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests that drive the binary.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs `larslab ARGS` in `dir`.
@@ -31,4 +31,15 @@ pub fn succeed(dir: &Path, args: &[&str]) -> Output {
 /// The repository root, where the fixtures are.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real MNIST test set from ../shared/data (or LARSLAB_MNIST_DIR). Absent
+/// on machines without the shared data, where this test says so and passes.
+pub fn mnist_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("LARSLAB_MNIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist-t10k"));
+    dir.join("t10k-images-idx3-ubyte.gz")
+        .exists()
+        .then_some(dir)
 }
