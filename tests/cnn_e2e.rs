@@ -9,7 +9,7 @@
 //! must match.
 
 mod common;
-use common::succeed;
+use common::{assert_matches_reference, succeed};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,22 +34,6 @@ struct Case {
     final_buffers: BTreeMap<String, Vec<f64>>,
     #[serde(default)]
     trust_ratios_step0: BTreeMap<String, f64>,
-}
-
-/// f32 against f64 through six steps of forward, backward and update; the
-/// generator's f32 replay lands well within this (see its README).
-fn close(got: f64, expected: f64) -> bool {
-    (got - expected).abs() <= 1e-4 * expected.abs() + 1e-6
-}
-
-fn checkpoint_values(checkpoint: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
-    checkpoint
-        .tensor(name)
-        .unwrap_or_else(|_| panic!("no {name} in the checkpoint"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
 }
 
 #[test]
@@ -86,42 +70,13 @@ fn cnn_runs_match_the_numpy_reference() {
         succeed(dir.path(), &args);
         let run = dir.path().join("runs").join(&case.name);
 
-        let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        for (step, &loss) in case.losses.iter().enumerate() {
-            let got = metrics[step]["loss/train"].as_f64().unwrap();
-            assert!(
-                close(got, loss),
-                "{} step {step}: loss {got}, expected {loss}",
-                case.name
-            );
-        }
-        for (param, &ratio) in &case.trust_ratios_step0 {
-            let got = metrics[0][format!("trust_ratio/{param}")].as_f64().unwrap();
-            assert!(
-                close(got, ratio),
-                "{}: trust ratio of {param} {got}, expected {ratio}",
-                case.name
-            );
-        }
-
-        let bytes =
-            std::fs::read(run.join(format!("checkpoints/step-{}.safetensors", expected.steps)))
-                .unwrap();
-        let checkpoint = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (name, values) in case.final_params.iter().chain(&case.final_buffers) {
-            let got = checkpoint_values(&checkpoint, name);
-            assert_eq!(got.len(), values.len(), "{} {name}", case.name);
-            for (i, (&g, &e)) in got.iter().zip(values).enumerate() {
-                assert!(
-                    close(g as f64, e),
-                    "{} {name}[{i}]: {g}, expected {e}",
-                    case.name
-                );
-            }
-        }
+        assert_matches_reference(
+            &run,
+            &case.name,
+            expected.steps,
+            &case.losses,
+            &case.trust_ratios_step0,
+            case.final_params.iter().chain(&case.final_buffers),
+        );
     }
 }

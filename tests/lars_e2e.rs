@@ -8,7 +8,7 @@
 //! step-0 trust ratios and its final checkpoint must match the reference.
 
 mod common;
-use common::succeed;
+use common::{assert_matches_reference, succeed};
 
 use std::path::Path;
 
@@ -28,13 +28,6 @@ struct Case {
     #[serde(rename = "final")]
     final_params: std::collections::BTreeMap<String, Vec<f64>>,
     trust_ratios_step0: std::collections::BTreeMap<String, f64>,
-}
-
-/// f32 against f64 through 12 steps of forward, backward and update: the
-/// generator measured the f32 replay within 2e-7 of f64; candle sums in
-/// another order, so allow 1e-4 relative.
-fn close(got: f64, expected: f64) -> bool {
-    (got - expected).abs() <= 1e-4 * expected.abs() + 1e-6
 }
 
 #[test]
@@ -70,47 +63,13 @@ fn lars_runs_match_the_numpy_reference() {
         succeed(dir.path(), &args);
         let run = dir.path().join("runs").join(&case.name);
 
-        let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        for (step, &loss) in case.losses.iter().enumerate() {
-            let got = metrics[step]["loss/train"].as_f64().unwrap();
-            assert!(
-                close(got, loss),
-                "{} step {step}: loss {got}, expected {loss}",
-                case.name
-            );
-        }
-        for (param, &ratio) in &case.trust_ratios_step0 {
-            let got = metrics[0][format!("trust_ratio/{param}")].as_f64().unwrap();
-            assert!(
-                close(got, ratio),
-                "{}: trust ratio of {param} {got}, expected {ratio}",
-                case.name
-            );
-        }
-
-        let bytes =
-            std::fs::read(run.join(format!("checkpoints/step-{}.safetensors", expected.steps)))
-                .unwrap();
-        let checkpoint = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (param, values) in &case.final_params {
-            let tensor = checkpoint.tensor(param).unwrap();
-            let got: Vec<f32> = tensor
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            assert_eq!(got.len(), values.len());
-            for (i, (&g, &e)) in got.iter().zip(values).enumerate() {
-                assert!(
-                    close(g as f64, e),
-                    "{} {param}[{i}]: {g}, expected {e}",
-                    case.name
-                );
-            }
-        }
+        assert_matches_reference(
+            &run,
+            &case.name,
+            expected.steps,
+            &case.losses,
+            &case.trust_ratios_step0,
+            &case.final_params,
+        );
     }
 }

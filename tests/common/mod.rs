@@ -43,3 +43,60 @@ pub fn mnist_dir() -> Option<PathBuf> {
         .exists()
         .then_some(dir)
 }
+
+/// f32 against a float64 reference through several steps of forward,
+/// backward and update: the generators measured their own f32 replays well
+/// inside this, and candle sums in another order.
+pub fn close_to_reference(got: f64, expected: f64) -> bool {
+    (got - expected).abs() <= 1e-4 * expected.abs() + 1e-6
+}
+
+/// Asserts that the run at `run` (logging every step, `steps` steps) matches
+/// a reference generator's case `case`: the loss before every update, step
+/// 0's trust ratios, and every listed tensor of the final checkpoint.
+pub fn assert_matches_reference<'a>(
+    run: &Path,
+    case: &str,
+    steps: u64,
+    losses: &[f64],
+    trust_ratios_step0: &std::collections::BTreeMap<String, f64>,
+    tensors: impl IntoIterator<Item = (&'a String, &'a Vec<f64>)>,
+) {
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (step, &loss) in losses.iter().enumerate() {
+        let got = metrics[step]["loss/train"].as_f64().unwrap();
+        assert!(
+            close_to_reference(got, loss),
+            "{case} step {step}: loss {got}, expected {loss}"
+        );
+    }
+    for (param, &ratio) in trust_ratios_step0 {
+        let got = metrics[0][format!("trust_ratio/{param}")].as_f64().unwrap();
+        assert!(
+            close_to_reference(got, ratio),
+            "{case}: trust ratio of {param} {got}, expected {ratio}"
+        );
+    }
+    let bytes = std::fs::read(run.join(format!("checkpoints/step-{steps}.safetensors"))).unwrap();
+    let checkpoint = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, values) in tensors {
+        let got: Vec<f32> = checkpoint
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{case}: no {name} in the checkpoint"))
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(got.len(), values.len(), "{case} {name}");
+        for (i, (&g, &e)) in got.iter().zip(values).enumerate() {
+            assert!(
+                close_to_reference(g as f64, e),
+                "{case} {name}[{i}]: {g}, expected {e}"
+            );
+        }
+    }
+}
