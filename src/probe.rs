@@ -54,13 +54,7 @@ pub struct ProbeReport {
 pub fn probe(config: &Config, inputs: usize) -> anyhow::Result<ProbeReport> {
     let device = device::select(config.device)?;
     let data = data::load(config)?;
-    let model = Model::new(
-        &config.model,
-        &data.train.sample_shape,
-        data.classes,
-        config.seed,
-        &device,
-    )?;
+    let model = Model::for_data(config, &data, &device)?;
     let n = config.data.batch_size.min(data.train.len());
     let indices: Vec<usize> = (0..n).collect();
     let (x, y) = data.train.batch(&indices, &device)?;

@@ -326,6 +326,21 @@ impl Model {
         })
     }
 
+    /// The model of a run's config for its loaded data, from the run's seed.
+    pub fn for_data(
+        config: &crate::config::Config,
+        data: &crate::data::Splits,
+        device: &Device,
+    ) -> Result<Self, anyhow::Error> {
+        Self::new(
+            &config.model,
+            &data.train.sample_shape,
+            data.classes,
+            config.seed,
+            device,
+        )
+    }
+
     pub fn params(&self) -> &[Param] {
         &self.params
     }

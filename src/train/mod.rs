@@ -149,13 +149,7 @@ impl Trainer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let device = device::select(config.device)?;
         let data = data::load(config)?;
-        let model = Model::new(
-            &config.model,
-            &data.train.sample_shape,
-            data.classes,
-            config.seed,
-            &device,
-        )?;
+        let model = Model::for_data(config, &data, &device)?;
         let batcher = Batcher::new(
             data.train.len(),
             config.data.batch_size,
