@@ -1,6 +1,8 @@
-//! The MLP's hand-written backward pass against candle's autograd: every
-//! parameter's gradient and every pre-activation's, for every activation,
-//! with and without dropout, to 1e-5.
+//! The MLP's hand-written backward passes (candle operations, and the fused
+//! CPU passes) against candle's autograd: every parameter's gradient, every
+//! pre-activation's, and what the trace keeps of the forward pass, for every
+//! activation, with and without dropout, to 1e-5. Layers wider than 32 units
+//! make the fused passes split their work between threads.
 
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
@@ -8,7 +10,7 @@ use rand::Rng as _;
 use larslab::config::{Activation, ModelConfig};
 use larslab::model::Model;
 use larslab::rng::{self, Stream};
-use larslab::train::step::{by_hand, with_autograd};
+use larslab::train::step::{Gradients, by_hand, fused_pass, with_autograd};
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -27,7 +29,7 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 fn hand_gradients_equal_autograd() {
     let device = Device::Cpu;
     let mut data = rng::stream(7, Stream::Data);
-    let (n, features, classes) = (16, 12, 5);
+    let (n, features, classes) = (16, 50, 5);
     let x: Vec<f32> = (0..n * features)
         .map(|_| data.random::<f32>() * 2.0 - 1.0)
         .collect();
@@ -45,9 +47,13 @@ fn hand_gradients_equal_autograd() {
         Activation::Selu,
         Activation::Identity,
     ] {
-        for dropout in [0.0, 0.3] {
+        for (dropout, hidden) in [
+            (0.0, vec![10, 9, 8]),
+            (0.3, vec![10, 9, 8]),
+            (0.3, vec![40, 33, 17]),
+        ] {
             let config = ModelConfig {
-                hidden: vec![10, 9, 8],
+                hidden,
                 activation,
                 dropout,
                 bias_init: 0.05,
@@ -55,32 +61,59 @@ fn hand_gradients_equal_autograd() {
             };
             let model = Model::new(&config, &[features], classes, 3, &device).unwrap();
             let batch = (&x, &y);
-            let ours = by_hand(&model, batch, &mut rng::stream(1, Stream::Dropout)).unwrap();
             let theirs =
                 with_autograd(&model, batch, &mut rng::stream(1, Stream::Dropout), true).unwrap();
-            let case = format!("{activation:?}, dropout {dropout}");
-            assert!(
-                (ours.loss - theirs.loss).abs() <= 1e-6 * theirs.loss,
-                "{case}: loss"
-            );
-            let (g_ours, g_theirs) = (ours.grads.unwrap(), theirs.grads.unwrap());
-            for param in model.params() {
-                assert_close(
-                    &format!("{case}: {}", param.name),
-                    g_ours.get(param.tensor()).unwrap(),
-                    g_theirs.get(param.tensor()).unwrap(),
+            let dropout_rng = || rng::stream(1, Stream::Dropout);
+            let candle_ops = by_hand(&model, batch, &mut dropout_rng()).unwrap();
+            let fused = fused_pass(&model, batch, &mut dropout_rng(), true).unwrap();
+            for (way, ours) in [("candle ops", candle_ops), ("fused", fused)] {
+                let case = format!(
+                    "{way}, {activation:?}, dropout {dropout}, {:?}",
+                    config.hidden
                 );
+                assert_same_pass(&case, &model, ours, &theirs);
             }
-            let (t_ours, t_theirs) = (ours.trace.unwrap(), theirs.trace.unwrap());
-            assert_eq!(t_ours.preact_grads.len(), 4);
-            for (i, (a, b)) in t_ours
-                .preact_grads
-                .iter()
-                .zip(&t_theirs.preact_grads)
-                .enumerate()
-            {
-                assert_close(&format!("{case}: dL/dz{}", i + 1), a, b);
-            }
+        }
+    }
+}
+
+fn assert_same_pass(case: &str, model: &Model, ours: Gradients, theirs: &Gradients) {
+    assert!(
+        (ours.loss - theirs.loss).abs() <= 1e-6 * theirs.loss,
+        "{case}: loss {} vs {}",
+        ours.loss,
+        theirs.loss
+    );
+    assert_close(&format!("{case}: logits"), &ours.logits, &theirs.logits);
+    let (g_ours, g_theirs) = (ours.grads.unwrap(), theirs.grads.as_ref().unwrap());
+    for param in model.params() {
+        assert_close(
+            &format!("{case}: {}", param.name),
+            g_ours.get(param.tensor()).unwrap(),
+            g_theirs.get(param.tensor()).unwrap(),
+        );
+    }
+    let (t_ours, t_theirs) = (ours.trace.unwrap(), theirs.trace.as_ref().unwrap());
+    assert_eq!(t_ours.layers, t_theirs.layers, "{case}");
+    assert_eq!(t_ours.preact_grads.len(), model.dense().len(), "{case}");
+    let pairs = [
+        ("dL/dz", &t_ours.preact_grads, &t_theirs.preact_grads),
+        ("z", &t_ours.preacts, &t_theirs.preacts),
+        ("h", &t_ours.acts, &t_theirs.acts),
+        ("input", &t_ours.inputs, &t_theirs.inputs),
+    ];
+    for (what, a, b) in pairs {
+        assert_eq!(a.len(), b.len(), "{case}: {what}");
+        for (i, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_close(&format!("{case}: {what}{}", i + 1), a, b);
+        }
+    }
+    assert_eq!(t_ours.masks.len(), t_theirs.masks.len(), "{case}: masks");
+    for (a, b) in t_ours.masks.iter().zip(&t_theirs.masks) {
+        match (a, b) {
+            (Some(a), Some(b)) => assert_close(&format!("{case}: mask"), a, b),
+            (None, None) => {}
+            _ => panic!("{case}: one pass has a dropout mask, the other not"),
         }
     }
 }

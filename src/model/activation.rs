@@ -1,5 +1,6 @@
 //! Activation functions, each differentiable through candle's autograd.
 
+use candle_core::cpu::erf::erf_f32;
 use candle_core::{Result, Tensor};
 
 use crate::config::Activation;
@@ -40,6 +41,108 @@ impl Activation {
                 Ok(grads.get(z.as_tensor()).expect("z reaches the sum").clone())
             }
         }
+    }
+}
+
+/// One activation on single values, for loops that fuse it with other work
+/// ([`super::fused`]). Each is a type, so that a loop generic over it
+/// compiles to straight, vectorisable code for that activation. The values
+/// are candle's own formulas, so both paths agree.
+pub trait Pointwise: Copy + Send + Sync {
+    /// φ(z).
+    fn value(self, z: f32) -> f32;
+    /// φ'(z), given z and h = φ(z).
+    fn slope(self, z: f32, h: f32) -> f32;
+}
+
+#[derive(Clone, Copy)]
+pub struct Relu;
+#[derive(Clone, Copy)]
+pub struct LeakyRelu;
+#[derive(Clone, Copy)]
+pub struct Tanh;
+#[derive(Clone, Copy)]
+pub struct Sigmoid;
+#[derive(Clone, Copy)]
+pub struct Gelu;
+#[derive(Clone, Copy)]
+pub struct Selu;
+#[derive(Clone, Copy)]
+pub struct Identity;
+
+impl Pointwise for Relu {
+    fn value(self, z: f32) -> f32 {
+        z.max(0.0)
+    }
+    fn slope(self, z: f32, _: f32) -> f32 {
+        if z > 0.0 { 1.0 } else { 0.0 }
+    }
+}
+
+impl Pointwise for LeakyRelu {
+    fn value(self, z: f32) -> f32 {
+        z.max(0.0) + z.min(0.0) * LEAKY_SLOPE as f32
+    }
+    fn slope(self, z: f32, _: f32) -> f32 {
+        if z > 0.0 { 1.0 } else { LEAKY_SLOPE as f32 }
+    }
+}
+
+impl Pointwise for Tanh {
+    fn value(self, z: f32) -> f32 {
+        z.tanh()
+    }
+    fn slope(self, _: f32, h: f32) -> f32 {
+        1.0 - h * h
+    }
+}
+
+impl Pointwise for Sigmoid {
+    fn value(self, z: f32) -> f32 {
+        1.0 / ((-z).exp() + 1.0)
+    }
+    fn slope(self, _: f32, h: f32) -> f32 {
+        h * (1.0 - h)
+    }
+}
+
+impl Pointwise for Gelu {
+    fn value(self, z: f32) -> f32 {
+        (erf_f32(z * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * z
+    }
+    /// As candle's autograd has it: 0.5 + 0.398942·z·e^(−z²/2) + 0.5·erf(z/√2).
+    fn slope(self, z: f32, _: f32) -> f32 {
+        0.5 + 0.398942 * (-z * z / 2.0).exp() * z
+            + 0.5 * erf_f32(z * std::f32::consts::FRAC_1_SQRT_2)
+    }
+}
+
+impl Pointwise for Selu {
+    fn value(self, z: f32) -> f32 {
+        let elu = if z.is_sign_positive() {
+            z
+        } else {
+            (z.exp() - 1.0) * SELU_ALPHA as f32
+        };
+        elu * SELU_SCALE as f32
+    }
+    /// As candle's autograd of ELU has it: 1 for z > 0, α·e^z otherwise.
+    fn slope(self, z: f32, _: f32) -> f32 {
+        let elu = if z > 0.0 {
+            1.0
+        } else {
+            SELU_ALPHA as f32 * z.exp()
+        };
+        elu * SELU_SCALE as f32
+    }
+}
+
+impl Pointwise for Identity {
+    fn value(self, z: f32) -> f32 {
+        z
+    }
+    fn slope(self, _: f32, _: f32) -> f32 {
+        1.0
     }
 }
 

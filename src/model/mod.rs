@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod backward;
+pub mod fused;
 pub mod init;
 pub mod layers;
 
@@ -459,6 +460,11 @@ impl Model {
         self.activation
     }
 
+    /// The probability of dropping a hidden unit while training.
+    pub fn dropout_rate(&self) -> f32 {
+        self.dropout
+    }
+
     /// Every parameter and buffer by name, for checkpoints.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
         self.params
@@ -524,12 +530,15 @@ fn dropout_mask(
     rng: &mut Rng,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let n: usize = dims.iter().product();
+    Tensor::from_vec(dropout_values(dims.iter().product(), p, rng), dims, device)
+}
+
+/// The values of a dropout mask of `n` elements, in row-major order.
+fn dropout_values(n: usize, p: f32, rng: &mut Rng) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n)
+    (0..n)
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    Tensor::from_vec(mask, dims, device)
+        .collect()
 }
 
 /// Draws every tensor: weights from the init scheme with their fans (a

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
 use crate::diagnostics::{BeforeStep, layer_stats};
-use crate::model::{Model, Param, Trace, backward};
+use crate::model::{Model, Param, Trace, backward, fused};
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::sinks::Record;
@@ -34,14 +34,18 @@ pub struct Gradients {
 
 /// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
 /// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
-/// An MLP's backward pass is written out ([`crate::model::backward`]); a
-/// CNN's goes through candle's autograd.
+/// An MLP's backward pass is written out: on the CPU as fused passes
+/// ([`crate::model::fused`]), elsewhere in candle operations
+/// ([`crate::model::backward`]). A CNN's goes through candle's autograd.
 pub fn forward_backward(
     model: &Model,
     (x, y): (&Tensor, &Tensor),
     dropout_rng: &mut Rng,
     trace: bool,
 ) -> anyhow::Result<Gradients> {
+    if fused::applies(model, x) {
+        return fused_pass(model, (x, y), dropout_rng, trace);
+    }
     let g = if model.is_convolutional() {
         with_autograd(model, (x, y), dropout_rng, trace)?
     } else {
@@ -53,7 +57,26 @@ pub fn forward_backward(
     })
 }
 
-/// The explicit backward pass of an MLP.
+/// The fused CPU pass of an MLP.
+pub fn fused_pass(
+    model: &Model,
+    (x, y): (&Tensor, &Tensor),
+    dropout_rng: &mut Rng,
+    trace: bool,
+) -> anyhow::Result<Gradients> {
+    let pass = fused::forward_backward(model, x, y, dropout_rng, trace)?;
+    Ok(Gradients {
+        loss: pass.loss,
+        logits: pass.logits,
+        grads: pass
+            .grads
+            .map(|grads| grad_store(model.params(), grads))
+            .transpose()?,
+        trace: pass.trace,
+    })
+}
+
+/// The explicit backward pass of an MLP in candle operations.
 pub fn by_hand(
     model: &Model,
     (x, y): (&Tensor, &Tensor),
