@@ -6,7 +6,7 @@
 //! 30-layer step is some 300 of them, and between two matrix products
 //! rayon's workers go to sleep and must be woken. Here each layer is one
 //! parallel region per direction. The threads split the layer's units; each
-//! runs its share of the matrix product (single-threaded `gemm`) and then
+//! runs its share of the matrix product ([`crate::ops::sgemm`]) and then
 //! the element-wise work on the values it has just written, still in cache.
 //!
 //! The mathematics is [`super::backward`]'s, with δ_i = ∂L/∂z_i:
@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
+use crate::ops::sgemm::{Operand, sgemm};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -459,76 +460,5 @@ fn in_parts_pair((a, b): (usize, usize), part: impl Fn(Range<usize>, Range<usize
         run(0)
     } else {
         (0..parts).into_par_iter().for_each(run);
-    }
-}
-
-/// A matrix read by [`sgemm`]: its first value, and the distance between
-/// consecutive rows and consecutive columns.
-#[derive(Clone, Copy)]
-struct Operand {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl Operand {
-    /// Row-major with `stride` values per row.
-    fn rows(ptr: *const f32, stride: usize) -> Self {
-        Self {
-            ptr,
-            row_stride: stride as isize,
-            col_stride: 1,
-        }
-    }
-
-    /// Column-major (the transpose of a row-major matrix) with `stride` values per column.
-    fn columns(ptr: *const f32, stride: usize) -> Self {
-        Self {
-            ptr,
-            row_stride: 1,
-            col_stride: stride as isize,
-        }
-    }
-}
-
-/// `c = a · b` for `(m, n, k)`: `a` is m×k, `b` k×n, and `c` row-major m×n
-/// with `c_stride` values per row. Runs on the calling thread: the
-/// parallelism is [`in_parts`]'.
-///
-/// # Safety
-/// The operands must hold their matrices at the given strides, and `c` must
-/// be valid for writes of its m×n values, which nothing else touches.
-unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    c: *mut f32,
-    c_stride: usize,
-    a: Operand,
-    b: Operand,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            c_stride as isize,
-            false,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }

@@ -4,7 +4,8 @@
 //! cost many times the arithmetic) and the one-pass norm the optimizer and
 //! the measurements take of every tensor, the momentum update and the in-place
 //! parameter update. Every op is tested against
-//! candle's own result.
+//! candle's own result. Also the single-threaded matrix product of the
+//! fused MLP passes ([`sgemm`]).
 
 mod batch_norm;
 #[cfg(feature = "openblas")]
@@ -13,6 +14,7 @@ mod im2col;
 mod norm;
 mod pool;
 mod scale_add;
+pub mod sgemm;
 mod subtract;
 mod symmetry;
 
