@@ -225,7 +225,7 @@ mod avx512 {
                 }
                 continue;
             }
-            if b.row_stride == 1 && cols == NR && b.col_stride <= i32::MAX as isize / 32 {
+            if b.row_stride == 1 && cols == NR {
                 unsafe { gather_columns(panel, b, j0, pc, kc) };
                 continue;
             }
