@@ -194,6 +194,10 @@ mod avx512 {
                 }
                 continue;
             }
+            if a.col_stride == 1 && rows == MR {
+                unsafe { transpose_rows(panel, a, i0, pc, kc) };
+                continue;
+            }
             for i in 0..MR {
                 for p in 0..kc {
                     panel[p * MR + i] = if i < rows {
@@ -263,6 +267,34 @@ mod avx512 {
             for p in 16 * blocks..kc {
                 for j in 0..NR {
                     panel[p * NR + j] = *column(j).add(p);
+                }
+            }
+        }
+    }
+
+    /// A full panel of a row-major `a`: 8×16 blocks read row by row,
+    /// transposed in registers, written column by column.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_rows(panel: &mut [f32], a: Operand, i0: usize, pc: usize, kc: usize) {
+        unsafe {
+            let row = |i: usize| a.ptr.offset((i0 + i) as isize * a.row_stride + pc as isize);
+            let blocks = kc / 16;
+            for q in 0..blocks {
+                let rows: [__m512; 16] = std::array::from_fn(|i| {
+                    if i < MR {
+                        _mm512_loadu_ps(row(i).add(16 * q))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (t, column) in transpose16(rows).into_iter().enumerate() {
+                    let column = _mm512_castps512_ps256(column);
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((16 * q + t) * MR), column);
+                }
+            }
+            for p in 16 * blocks..kc {
+                for i in 0..MR {
+                    panel[p * MR + i] = *row(i).add(p);
                 }
             }
         }
