@@ -58,20 +58,25 @@ pub fn forward_backward(
     dropout_rng: &mut Rng,
     trace: bool,
 ) -> Result<Pass> {
-    let run = Run {
-        model,
-        dropout_rng,
-        trace,
-    };
-    match model.activation() {
-        Activation::Relu => run.with(activation::Relu, x, labels),
-        Activation::LeakyRelu => run.with(activation::LeakyRelu, x, labels),
-        Activation::Tanh => run.with(activation::Tanh, x, labels),
-        Activation::Sigmoid => run.with(activation::Sigmoid, x, labels),
-        Activation::Gelu => run.with(activation::Gelu, x, labels),
-        Activation::Selu => run.with(activation::Selu, x, labels),
-        Activation::Identity => run.with(activation::Identity, x, labels),
-    }
+    // On a worker of rayon's pool, so that the parts of every layer are
+    // forked from there: called from outside, each of the step's parallel
+    // regions would put this thread to sleep and wake a worker.
+    rayon::scope(|_| {
+        let run = Run {
+            model,
+            dropout_rng,
+            trace,
+        };
+        match model.activation() {
+            Activation::Relu => run.with(activation::Relu, x, labels),
+            Activation::LeakyRelu => run.with(activation::LeakyRelu, x, labels),
+            Activation::Tanh => run.with(activation::Tanh, x, labels),
+            Activation::Sigmoid => run.with(activation::Sigmoid, x, labels),
+            Activation::Gelu => run.with(activation::Gelu, x, labels),
+            Activation::Selu => run.with(activation::Selu, x, labels),
+            Activation::Identity => run.with(activation::Identity, x, labels),
+        }
+    })
 }
 
 struct Run<'a> {
