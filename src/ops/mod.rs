@@ -13,6 +13,7 @@ mod blas;
 mod im2col;
 mod norm;
 mod pool;
+mod scale;
 mod scale_add;
 pub mod sgemm;
 mod subtract;
@@ -26,6 +27,7 @@ pub use blas::matmul;
 pub use im2col::Im2Col;
 pub use norm::l2_norm;
 pub use pool::Pool2;
+pub use scale::{scale, scale_by};
 pub use scale_add::scale_add;
 pub use subtract::subtract_in_place;
 pub use symmetry::mean_pairwise_cosine;
@@ -35,6 +37,13 @@ pub use symmetry::mean_pairwise_cosine;
 pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<candle_core::Tensor> {
     a.matmul(b)
 }
+
+/// Values per share when an element-wise pass over a tensor is split
+/// between rayon's threads (a single core cannot keep up with the memory
+/// bus on the optimizer's passes over the largest layers); smaller tensors
+/// stay on the calling thread. Called from a rayon worker (see
+/// [`crate::optim::Optimizer::step`]) the split costs no thread wake-up.
+const SHARE: usize = 1 << 15;
 
 /// The values of a contiguous f32 tensor.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {

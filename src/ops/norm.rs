@@ -2,11 +2,15 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::contiguous_f32;
+use rayon::prelude::*;
+
+use super::{SHARE, contiguous_f32};
 
 /// ‖t‖ as a 0-d tensor. On the CPU one pass, summing in f64, with no
 /// temporary (`sqr` then `sum_all` writes and reads a squared copy of `t`);
-/// elsewhere candle's operations.
+/// elsewhere candle's operations. Large tensors are summed in shares on
+/// rayon's threads and the shares' sums added in order, so the result does
+/// not depend on the number of threads.
 pub fn l2_norm(t: &Tensor) -> Result<Tensor> {
     if t.device().is_cpu() && t.dtype() == candle_core::DType::F32 {
         t.contiguous()?.apply_op1_no_bwd(&Norm)
@@ -24,22 +28,27 @@ impl CustomOp1 for Norm {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let values = contiguous_f32(storage, layout)?;
-        // Eight partial sums, so the compiler can keep them in vector registers.
-        let mut partial = [0f64; 8];
-        let chunks = values.chunks_exact(8);
-        let tail: f64 = chunks
-            .remainder()
-            .iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum();
-        for chunk in chunks {
-            for (p, &v) in partial.iter_mut().zip(chunk) {
-                *p += (v as f64) * (v as f64);
-            }
-        }
-        let total = partial.iter().sum::<f64>() + tail;
+        let shares: Vec<f64> = values.par_chunks(SHARE).map(sum_of_squares).collect();
+        let total: f64 = shares.iter().sum();
         Ok((CpuStorage::F32(vec![total.sqrt() as f32]), Shape::from(())))
     }
+}
+
+/// Σ v² in f64, with eight partial sums that the compiler keeps in vector registers.
+fn sum_of_squares(values: &[f32]) -> f64 {
+    let mut partial = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += (v as f64) * (v as f64);
+        }
+    }
+    partial.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]
@@ -49,7 +58,7 @@ mod tests {
 
     #[test]
     fn equals_the_norm_by_tensor_operations() {
-        for n in [0usize, 1, 7, 8, 9, 1000] {
+        for n in [0usize, 1, 7, 8, 9, 1000, 3 * SHARE + 5] {
             let values: Vec<f32> = (0..n)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();

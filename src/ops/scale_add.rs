@@ -2,7 +2,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 
-use super::contiguous_f32;
+use rayon::prelude::*;
+
+use super::{SHARE, contiguous_f32};
 
 /// `a·x + y` for tensors of one shape. On the CPU one pass and one new
 /// tensor (candle's `(x * a) + y` makes two of each); elsewhere candle's
@@ -38,7 +40,12 @@ impl CustomOp2 for ScaleAdd {
             )
         }
         let (x, y) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let out = x.iter().zip(y).map(|(x, y)| self.0 * x + y).collect();
+        let mut out = Vec::new();
+        x.par_iter()
+            .zip(y)
+            .with_min_len(SHARE)
+            .map(|(x, y)| self.0 * x + y)
+            .collect_into_vec(&mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -50,14 +57,16 @@ mod tests {
 
     #[test]
     fn equals_candle_to_the_bit() {
-        let x: Vec<f32> = (0..1000)
+        // Larger than two shares, so that threads split it.
+        let n = 3 * SHARE + 17;
+        let x: Vec<f32> = (0..n)
             .map(|i| ((i * 31 % 97) as f32 - 48.0) / 13.0)
             .collect();
-        let y: Vec<f32> = (0..1000)
+        let y: Vec<f32> = (0..n)
             .map(|i| ((i * 17 % 89) as f32 - 44.0) / 7.0)
             .collect();
-        let x = Tensor::from_vec(x, (10, 100), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(y, (10, 100), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(x, (n, 1), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(y, (n, 1), &Device::Cpu).unwrap();
         let ours = scale_add(&x, 0.9, &y)
             .unwrap()
             .flatten_all()

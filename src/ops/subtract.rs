@@ -2,7 +2,9 @@
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor, bail};
 
-use super::contiguous_f32;
+use rayon::prelude::*;
+
+use super::{SHARE, contiguous_f32};
 
 /// Subtracts `step` from `param` in place. On the CPU one pass into the
 /// parameter's own storage; elsewhere `Var::set` of the difference (which
@@ -40,9 +42,9 @@ impl InplaceOp2 for SubAssign {
             bail!("sub-assign: {} values minus {}", end - start, step.len())
         }
         values[start..end]
-            .iter_mut()
-            .zip(step)
-            .for_each(|(w, s)| *w -= s);
+            .par_chunks_mut(SHARE)
+            .zip(step.par_chunks(SHARE))
+            .for_each(|(w, s)| w.iter_mut().zip(s).for_each(|(w, s)| *w -= s));
         Ok(())
     }
 }

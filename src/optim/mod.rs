@@ -181,7 +181,19 @@ impl Optimizer {
 
     /// Updates every parameter in place from this step's gradients and returns
     /// the steps taken (parameter before minus after) with the links' reports.
+    ///
+    /// Runs on a worker of rayon's pool, so that the element-wise passes over
+    /// large tensors share their work between threads without waking any.
     pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        lr: f64,
+    ) -> anyhow::Result<Vec<ParamStep>> {
+        rayon::scope(|_| self.step_each(params, grads, lr))
+    }
+
+    fn step_each(
         &mut self,
         params: &[Param],
         grads: &GradStore,

@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 
 use super::{ParamView, StepReport, Transform};
 
-use crate::ops::{l2_norm, scale_add};
+use crate::ops::{l2_norm, scale, scale_add, scale_by};
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
@@ -75,7 +75,7 @@ impl Transform for ScaleByTrustRatio {
     ) -> Result<Tensor> {
         if self.exclude_1d && param.is_1d() {
             report.trust_ratio = Some(Tensor::new(1f32, update.device())?);
-            return update * param.lr;
+            return scale(&update, param.lr);
         }
         let w_norm = l2_norm(param.value)?;
         let grad_norm = match self.denominator {
@@ -93,7 +93,7 @@ impl Transform for ScaleByTrustRatio {
             LocalRate::Product => (&trust_ratio * param.lr)?,
             LocalRate::Clip => trust_ratio.minimum(param.lr as f32)?,
         };
-        let scaled = update.broadcast_mul(&rate)?;
+        let scaled = scale_by(&update, &rate)?;
         report.trust_ratio = Some(trust_ratio);
         report.lr_eff = Some(rate);
         Ok(scaled)
@@ -233,7 +233,7 @@ pub struct ScaleByLearningRate;
 
 impl Transform for ScaleByLearningRate {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
-        update * param.lr
+        scale(&update, param.lr)
     }
 }
 
