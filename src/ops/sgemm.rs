@@ -142,16 +142,19 @@ mod avx512 {
     ) {
         PACKED.with_borrow_mut(|(pa, pb)| {
             let m_panels = m.div_ceil(MR);
-            pa.resize(m_panels * MR * KC, 0.0);
-            pb.resize(NC.min(n).div_ceil(NR) * NR * KC, 0.0);
+            grow(pa, m_panels * MR * KC);
+            grow(pb, NC.min(n).div_ceil(NR) * NR * KC);
             if k == 0 {
                 for i in 0..m {
                     unsafe { std::ptr::write_bytes(c.add(i * c_stride), 0, n) };
                 }
                 return;
             }
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
+            // Equal passes at most KC deep: 784 = 4 × 196 rather than 3 × 256 + 16,
+            // whose last pass would load and store `c` for little work.
+            let depth = k.div_ceil(k.div_ceil(KC));
+            for pc in (0..k).step_by(depth) {
+                let kc = depth.min(k - pc);
                 unsafe { pack_a(pa, a, m, pc, kc) };
                 for jc in (0..n).step_by(NC) {
                     let nc = NC.min(n - jc);
@@ -173,6 +176,14 @@ mod avx512 {
                 }
             }
         })
+    }
+
+    /// Makes `buffer` at least `len` long, never shorter (shrinking and growing
+    /// again would zero the memory on every call).
+    fn grow(buffer: &mut Vec<f32>, len: usize) {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
     }
 
     /// `a[.., pc..pc+kc]` as MR-row panels, each column of a panel contiguous;
