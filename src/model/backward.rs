@@ -1,5 +1,7 @@
 //! The gradients of an MLP by hand: the backward pass written out, on the
-//! trace of its forward pass, instead of candle's general autograd.
+//! trace of its forward pass, instead of candle's general autograd, in
+//! candle operations. It serves devices other than the CPU; there,
+//! [`super::fused`] runs the same formulas as fused passes.
 //!
 //! Autograd builds every gradient as zeros plus an accumulation, computes
 //! each weight's gradient in the transposed layout of `x·Wᵀ` and then
@@ -16,7 +18,6 @@
 use candle_core::{D, DType, Result, Tensor};
 
 use super::{Model, Trace};
-use crate::ops::matmul;
 
 /// The mean cross-entropy of `logits` for `labels`, and its gradient.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -40,12 +41,12 @@ pub fn backward(model: &Model, trace: &mut Trace, logits_grad: Tensor) -> Result
     let mut preact_grads = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate().rev() {
         grads.push(delta.sum(0)?);
-        grads.push(matmul(&delta.t()?, &trace.inputs[i])?);
+        grads.push(delta.t()?.matmul(&trace.inputs[i])?);
         preact_grads.push(delta.clone());
         if i == 0 {
             break;
         }
-        let mut upstream = matmul(&delta, layer.weight.as_tensor())?;
+        let mut upstream = delta.matmul(layer.weight.as_tensor())?;
         if let Some(mask) = &trace.masks[i - 1] {
             upstream = (upstream * mask)?;
         }

@@ -17,7 +17,8 @@ pub struct Dense {
 
 impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::matmul(x, &self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
+        x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())
     }
 }
 

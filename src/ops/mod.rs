@@ -8,8 +8,6 @@
 //! fused MLP passes ([`sgemm`]).
 
 mod batch_norm;
-#[cfg(feature = "openblas")]
-mod blas;
 mod im2col;
 mod norm;
 mod pool;
@@ -22,8 +20,6 @@ mod symmetry;
 use candle_core::{CpuStorage, Layout, Result, bail};
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
-#[cfg(feature = "openblas")]
-pub use blas::matmul;
 pub use im2col::Im2Col;
 pub use norm::l2_norm;
 pub use pool::Pool2;
@@ -31,12 +27,6 @@ pub use scale::{scale, scale_by};
 pub use scale_add::scale_add;
 pub use subtract::subtract_in_place;
 pub use symmetry::mean_pairwise_cosine;
-
-/// `a · b`: candle's matmul; with the `openblas` feature, OpenBLAS on the CPU.
-#[cfg(not(feature = "openblas"))]
-pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    a.matmul(b)
-}
 
 /// Values per share when an element-wise pass over a tensor is split
 /// between rayon's threads (a single core cannot keep up with the memory
