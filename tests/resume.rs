@@ -121,6 +121,36 @@ fn a_run_extended_from_its_checkpoint_equals_one_that_never_stopped() {
     assert_same_metrics(&d.join("runs/adam-whole"), &d.join("runs/adam-halves"));
 }
 
+/// The fused MLP pass and the optimizer split their work between threads;
+/// every value must come out the same whatever the number of threads, or a
+/// run could not be reproduced on another machine.
+#[test]
+fn the_thread_count_changes_no_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wide = [
+        "--set",
+        "model.hidden=[300,200]",
+        "--set",
+        "optimizer.kind=lars",
+    ];
+    for threads in ["1", "3"] {
+        let name = format!("threads-{threads}");
+        ok(Command::new(env!("CARGO_BIN_EXE_larslab"))
+            .args(args(&name, "train.steps=60", &wide))
+            .env("RAYON_NUM_THREADS", threads)
+            .current_dir(d)
+            .output()
+            .unwrap());
+    }
+    let (one, three) = (d.join("runs/threads-1"), d.join("runs/threads-3"));
+    assert_same_metrics(&one, &three);
+    for file in ["step-60.safetensors", "step-60.optim.safetensors"] {
+        let read = |run: &Path| std::fs::read(run.join("checkpoints").join(file)).unwrap();
+        assert!(read(&one) == read(&three), "{file} differs");
+    }
+}
+
 #[test]
 fn an_interrupted_run_checkpoints_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
