@@ -38,7 +38,7 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=2,
-        help="threads for both: RAYON_NUM_THREADS for larslab (its matrix products; element-wise work stays on the calling thread), --threads for JAX (2)",
+        help="threads for both: RAYON_NUM_THREADS for larslab (the pool of its training step), --threads for JAX (2)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds of (larslab, JAX) per case, median reported (3)")
     p.add_argument("--save", metavar="DIR", help="also write the raw results to DIR/larslab.json and DIR/jax.json")
