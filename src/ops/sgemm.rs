@@ -4,9 +4,9 @@
 //!
 //! With AVX-512 it is a BLIS-style product of its own: `a` and `b` are
 //! copied into panels that the micro-kernel reads contiguously (an 8×32
-//! tile of `c` in 16 registers), `b` 256 rows deep so that a panel stays in
-//! L1. A transposed `b` (the forward pass's `x·Wᵀ`) is packed through 16×16
-//! register transposes. On the 2-core reference machine it ran the MLP
+//! tile of `c` in 16 registers), at most 256 deep. An operand stored the
+//! other way round (the forward pass's `x·Wᵀ`, a row-major `a`) is packed
+//! through 16×16 register transposes. On the 2-core reference machine it ran the MLP
 //! benchmark's products 1.1–1.5× faster than the `gemm` crate under candle
 //! (interleaved medians, README Speed); without AVX-512 the `gemm` crate
 //! does the work.
@@ -38,6 +38,15 @@ impl Operand {
             ptr,
             row_stride: 1,
             col_stride: stride as isize,
+        }
+    }
+
+    /// The same values read as the transpose.
+    fn transposed(self) -> Self {
+        Self {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
         }
     }
 
@@ -189,123 +198,90 @@ mod avx512 {
     /// `a[.., pc..pc+kc]` as MR-row panels, each column of a panel contiguous;
     /// rows past `m` are zero.
     unsafe fn pack_a(packed: &mut [f32], a: Operand, m: usize, pc: usize, kc: usize) {
-        for (ip, panel) in packed
-            .chunks_exact_mut(MR * kc)
-            .take(m.div_ceil(MR))
-            .enumerate()
-        {
-            let i0 = ip * MR;
-            let rows = MR.min(m - i0);
-            if a.row_stride == 1 && rows == MR {
-                for p in 0..kc {
-                    let src = unsafe { a.ptr.offset((pc + p) as isize * a.col_stride).add(i0) };
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src, panel.as_mut_ptr().add(p * MR), MR)
-                    };
-                }
-                continue;
-            }
-            if a.col_stride == 1 && rows == MR {
-                unsafe { transpose_rows(panel, a, i0, pc, kc) };
-                continue;
-            }
-            for i in 0..MR {
-                for p in 0..kc {
-                    panel[p * MR + i] = if i < rows {
-                        unsafe { a.at(i0 + i, pc + p) }
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
+        unsafe { pack::<MR>(packed, a, 0, m, pc, kc) }
     }
 
     /// `b[pc..pc+kc, jc..jc+nc]` as NR-column panels, each row of a panel
     /// contiguous; columns past `nc` are zero.
     unsafe fn pack_b(packed: &mut [f32], b: Operand, nc: usize, jc: usize, pc: usize, kc: usize) {
-        for (jp, panel) in packed
-            .chunks_exact_mut(NR * kc)
-            .take(nc.div_ceil(NR))
+        unsafe { pack::<NR>(packed, b.transposed(), jc, nc, pc, kc) }
+    }
+
+    /// Rows `r0..r0+len` and columns `pc..pc+kc` of `x` as panels of W rows,
+    /// each panel stored column after column (W values each); rows past
+    /// `len` are zero. `a`'s panels are `a`'s rows, `b`'s are `bᵀ`'s.
+    unsafe fn pack<const W: usize>(
+        packed: &mut [f32],
+        x: Operand,
+        r0: usize,
+        len: usize,
+        pc: usize,
+        kc: usize,
+    ) {
+        for (k, panel) in packed
+            .chunks_exact_mut(W * kc)
+            .take(len.div_ceil(W))
             .enumerate()
         {
-            let j0 = jc + jp * NR;
-            let cols = NR.min(nc - jp * NR);
-            if b.col_stride == 1 && cols == NR {
+            let first = r0 + k * W;
+            let rows = W.min(len - k * W);
+            if x.row_stride == 1 && rows == W {
                 for p in 0..kc {
-                    let src = unsafe { b.ptr.offset((pc + p) as isize * b.row_stride).add(j0) };
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src, panel.as_mut_ptr().add(p * NR), NR)
-                    };
+                    let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(first) };
+                    unsafe { std::ptr::copy_nonoverlapping(src, panel.as_mut_ptr().add(p * W), W) };
                 }
-                continue;
-            }
-            if b.row_stride == 1 && cols == NR {
-                unsafe { gather_columns(panel, b, j0, pc, kc) };
-                continue;
-            }
-            for j in 0..NR {
-                for p in 0..kc {
-                    panel[p * NR + j] = if j < cols {
-                        unsafe { b.at(pc + p, j0 + j) }
-                    } else {
-                        0.0
-                    };
+            } else if x.col_stride == 1 && rows == W {
+                unsafe { transpose_into::<W>(panel, x, first, pc, kc) };
+            } else {
+                for i in 0..W {
+                    for p in 0..kc {
+                        panel[p * W + i] = if i < rows {
+                            unsafe { x.at(first + i, pc + p) }
+                        } else {
+                            0.0
+                        };
+                    }
                 }
             }
         }
     }
 
-    /// A full panel of a column-major `b`: 16×16 blocks read column by
-    /// column, transposed in registers, written row by row.
+    /// A full panel of W rows of a row-major `x`, in blocks of 16 rows (fewer
+    /// padded with zeros) by 16 columns, transposed in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gather_columns(panel: &mut [f32], b: Operand, j0: usize, pc: usize, kc: usize) {
+    unsafe fn transpose_into<const W: usize>(
+        panel: &mut [f32],
+        x: Operand,
+        first: usize,
+        pc: usize,
+        kc: usize,
+    ) {
         unsafe {
-            let column = |j: usize| b.ptr.offset((j0 + j) as isize * b.col_stride + pc as isize);
+            let row = |i: usize| {
+                x.ptr
+                    .offset((first + i) as isize * x.row_stride + pc as isize)
+            };
             let blocks = kc / 16;
-            for half in 0..NR / 16 {
+            for group in (0..W).step_by(16) {
+                let height = 16.min(W - group);
+                let lanes: __mmask16 = ((1u32 << height) - 1) as __mmask16;
                 for q in 0..blocks {
-                    let rows: [__m512; 16] =
-                        std::array::from_fn(|j| _mm512_loadu_ps(column(16 * half + j).add(16 * q)));
-                    for (t, row) in transpose16(rows).into_iter().enumerate() {
-                        _mm512_storeu_ps(
-                            panel.as_mut_ptr().add((16 * q + t) * NR + 16 * half),
-                            row,
-                        );
+                    let rows: [__m512; 16] = std::array::from_fn(|i| {
+                        if i < height {
+                            _mm512_loadu_ps(row(group + i).add(16 * q))
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for (t, column) in transpose16(rows).into_iter().enumerate() {
+                        let at = panel.as_mut_ptr().add((16 * q + t) * W + group);
+                        _mm512_mask_storeu_ps(at, lanes, column);
                     }
                 }
             }
             for p in 16 * blocks..kc {
-                for j in 0..NR {
-                    panel[p * NR + j] = *column(j).add(p);
-                }
-            }
-        }
-    }
-
-    /// A full panel of a row-major `a`: 8×16 blocks read row by row,
-    /// transposed in registers, written column by column.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose_rows(panel: &mut [f32], a: Operand, i0: usize, pc: usize, kc: usize) {
-        unsafe {
-            let row = |i: usize| a.ptr.offset((i0 + i) as isize * a.row_stride + pc as isize);
-            let blocks = kc / 16;
-            for q in 0..blocks {
-                let rows: [__m512; 16] = std::array::from_fn(|i| {
-                    if i < MR {
-                        _mm512_loadu_ps(row(i).add(16 * q))
-                    } else {
-                        _mm512_setzero_ps()
-                    }
-                });
-                for (t, column) in transpose16(rows).into_iter().enumerate() {
-                    let column = _mm512_castps512_ps256(column);
-                    _mm256_storeu_ps(panel.as_mut_ptr().add((16 * q + t) * MR), column);
-                }
-            }
-            for p in 16 * blocks..kc {
-                for i in 0..MR {
-                    panel[p * MR + i] = *row(i).add(p);
+                for i in 0..W {
+                    panel[p * W + i] = *row(i).add(p);
                 }
             }
         }
