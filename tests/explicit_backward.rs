@@ -66,6 +66,7 @@ fn hand_gradients_equal_autograd() {
             let dropout_rng = || rng::stream(1, Stream::Dropout);
             let candle_ops = by_hand(&model, batch, &mut dropout_rng()).unwrap();
             let fused = fused_pass(&model, batch, &mut dropout_rng(), true).unwrap();
+            assert!(fused.grad_norms.is_some(), "the fused pass takes ‖g‖");
             for (way, ours) in [("candle ops", candle_ops), ("fused", fused)] {
                 let case = format!(
                     "{way}, {activation:?}, dropout {dropout}, {:?}",
@@ -86,12 +87,23 @@ fn assert_same_pass(case: &str, model: &Model, ours: Gradients, theirs: &Gradien
     );
     assert_close(&format!("{case}: logits"), &ours.logits, &theirs.logits);
     let (g_ours, g_theirs) = (ours.grads.unwrap(), theirs.grads.as_ref().unwrap());
-    for param in model.params() {
-        assert_close(
-            &format!("{case}: {}", param.name),
+    for (i, param) in model.params().iter().enumerate() {
+        let (a, b) = (
             g_ours.get(param.tensor()).unwrap(),
             g_theirs.get(param.tensor()).unwrap(),
         );
+        assert_close(&format!("{case}: {}", param.name), a, b);
+        // The norms the fused pass takes on the way, for LARS.
+        if let Some(norms) = &ours.grad_norms {
+            let exact = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+            let exact = exact.to_scalar::<f32>().unwrap();
+            assert!(
+                (norms[i] - exact).abs() <= 1e-5 * exact.max(1e-12),
+                "{case}: ‖∂{}‖ {} vs {exact}",
+                param.name,
+                norms[i]
+            );
+        }
     }
     let (t_ours, t_theirs) = (ours.trace.unwrap(), theirs.trace.as_ref().unwrap());
     assert_eq!(t_ours.layers, t_theirs.layers, "{case}");

@@ -28,6 +28,7 @@ use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
 use crate::ops::sgemm::{Operand, sgemm};
+use crate::ops::sum_of_squares;
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -38,6 +39,9 @@ pub struct Pass {
     /// Every parameter's gradient in [`Model::params`] order; `None` when the
     /// loss is not finite.
     pub grads: Option<Vec<Tensor>>,
+    /// ‖g‖ of each gradient, taken while the backward pass wrote it (LARS
+    /// needs them, and a separate pass would read every gradient again).
+    pub grad_norms: Option<Vec<f32>>,
     /// The layers' insides, when asked for.
     pub trace: Option<Trace>,
 }
@@ -208,9 +212,11 @@ impl Run<'_> {
         let logits = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
 
         let mut grads = None;
+        let mut grad_norms = None;
         let mut preact_grads = Vec::with_capacity(layers.len());
         if loss.is_finite() {
             let mut reversed = Vec::with_capacity(2 * layers.len());
+            let mut reversed_norms = Vec::with_capacity(2 * layers.len());
             for (i, &(out, fan_in)) in shapes.iter().enumerate().rev() {
                 let x_i: &[f32] = if i == 0 {
                     &input
@@ -219,10 +225,12 @@ impl Run<'_> {
                 };
                 let mut weight_grad = Vec::new();
                 let mut bias_grad = vec![0f32; out];
+                let mut row_squares = vec![0f64; out];
                 let mut upstream = (i > 0).then(Vec::new);
                 {
                     let dw = Shared::room(&mut weight_grad, out * fan_in);
                     let db = Shared::new(&mut bias_grad);
+                    let squares = Shared::new(&mut row_squares);
                     let du = upstream.as_mut().map(|u| Shared::room(u, n * fan_in));
                     let below = i.checked_sub(1).map(|j| &forward[j]);
                     let (w, delta) = (&weights[i], &delta);
@@ -245,6 +253,16 @@ impl Run<'_> {
                                 for (db, d) in db.iter_mut().zip(row) {
                                     *db += d;
                                 }
+                            }
+                            // ‖∂W‖² by rows while they are in cache; summed
+                            // in row order below, whatever the split.
+                            let rows = dw.slice(units.start * fan_in..units.end * fan_in);
+                            for (sq, row) in squares
+                                .slice(units.clone())
+                                .iter_mut()
+                                .zip(rows.chunks_exact(fan_in))
+                            {
+                                *sq = sum_of_squares(row);
                             }
                         }
                         let (Some(du), Some(below)) = (&du, below) else {
@@ -283,14 +301,18 @@ impl Run<'_> {
                         u.set_len(n * fan_in);
                     }
                 }
+                reversed_norms.push(sum_of_squares(&bias_grad).sqrt() as f32);
+                reversed_norms.push(row_squares.iter().sum::<f64>().sqrt() as f32);
                 reversed.push(Tensor::from_vec(bias_grad, out, &Device::Cpu)?);
                 reversed.push(Tensor::from_vec(weight_grad, (out, fan_in), &Device::Cpu)?);
                 let delta_i = std::mem::replace(&mut delta, upstream.unwrap_or_default());
                 preact_grads.push(Tensor::from_vec(delta_i, (n, out), &Device::Cpu)?);
             }
             reversed.reverse();
+            reversed_norms.reverse();
             preact_grads.reverse();
             grads = Some(reversed);
+            grad_norms = Some(reversed_norms);
         }
 
         let trace = if trace {
@@ -303,6 +325,7 @@ impl Run<'_> {
             loss,
             logits,
             grads,
+            grad_norms,
             trace,
         })
     }
@@ -403,18 +426,17 @@ impl Deref for F32View<'_> {
 }
 
 /// A buffer the parts of [`in_parts`] write to, each its own elements.
-#[derive(Clone, Copy)]
-struct Shared {
-    ptr: *mut f32,
+struct Shared<T = f32> {
+    ptr: *mut T,
     len: usize,
 }
 
 // SAFETY: parts write disjoint elements (see the call sites).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-impl Shared {
-    fn new(values: &mut [f32]) -> Self {
+impl<T> Shared<T> {
+    fn new(values: &mut [T]) -> Self {
         Self {
             ptr: values.as_mut_ptr(),
             len: values.len(),
@@ -424,7 +446,7 @@ impl Shared {
     /// Room for `len` values in the empty `v`, for matrix products to write
     /// every one of them before `v.set_len(len)`. (Zeroing them first would
     /// be a pass over memory that the products overwrite anyway.)
-    fn room(v: &mut Vec<f32>, len: usize) -> Self {
+    fn room(v: &mut Vec<T>, len: usize) -> Self {
         assert!(v.is_empty());
         v.reserve_exact(len);
         Self {
@@ -436,12 +458,12 @@ impl Shared {
     /// # Safety
     /// No other part may touch `span` while the slice lives.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, span: Range<usize>) -> &mut [f32] {
+    unsafe fn slice(&self, span: Range<usize>) -> &mut [T] {
         assert!(span.start <= span.end && span.end <= self.len);
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(span.start), span.len()) }
     }
 
-    fn at(&self, offset: usize) -> *mut f32 {
+    fn at(&self, offset: usize) -> *mut T {
         assert!(offset <= self.len);
         self.ptr.wrapping_add(offset)
     }

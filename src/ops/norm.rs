@@ -35,7 +35,7 @@ impl CustomOp1 for Norm {
 }
 
 /// Σ v² in f64, with eight partial sums that the compiler keeps in vector registers.
-fn sum_of_squares(values: &[f32]) -> f64 {
+pub fn sum_of_squares(values: &[f32]) -> f64 {
     let mut partial = [0f64; 8];
     let chunks = values.chunks_exact(8);
     let tail: f64 = chunks

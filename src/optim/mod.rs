@@ -26,6 +26,8 @@ pub struct ParamView<'a> {
     pub value: &'a Tensor,
     /// The raw gradient of this step.
     pub grad: &'a Tensor,
+    /// ‖grad‖, when the backward pass already took it.
+    pub grad_norm: Option<f32>,
     /// The step's scheduled global learning rate.
     pub lr: f64,
 }
@@ -190,13 +192,26 @@ impl Optimizer {
         grads: &GradStore,
         lr: f64,
     ) -> anyhow::Result<Vec<ParamStep>> {
-        rayon::scope(|_| self.step_each(params, grads, lr))
+        self.step_with_norms(params, grads, None, lr)
+    }
+
+    /// [`Optimizer::step`], given every gradient's norm (in `params` order)
+    /// where the backward pass took them.
+    pub fn step_with_norms(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        grad_norms: Option<&[f32]>,
+        lr: f64,
+    ) -> anyhow::Result<Vec<ParamStep>> {
+        rayon::scope(|_| self.step_each(params, grads, grad_norms, lr))
     }
 
     fn step_each(
         &mut self,
         params: &[Param],
         grads: &GradStore,
+        grad_norms: Option<&[f32]>,
         lr: f64,
     ) -> anyhow::Result<Vec<ParamStep>> {
         params
@@ -212,6 +227,7 @@ impl Optimizer {
                     index,
                     value: &value,
                     grad: &grad,
+                    grad_norm: grad_norms.map(|norms| norms[index]),
                     lr,
                 };
                 let mut report = StepReport::default();

@@ -66,6 +66,48 @@ pub struct ScaleByTrustRatio {
     pub exclude_1d: bool,
 }
 
+impl ScaleByTrustRatio {
+    /// (λ, the local rate) from ‖w‖ and the gradient norm, in f32 and in the
+    /// order [`Self::local_rate_on_device`] computes them: the same bits. On
+    /// the CPU a handful of scalar operations instead of ten 0-d tensors,
+    /// which cost more than the norms on small layers.
+    fn local_rate(&self, w: f32, g: f32, lr: f64) -> (f32, f32) {
+        let denominator = match self.denominator {
+            TrustDenominator::GradPlusDecay(decay) => g + w * decay as f32,
+            TrustDenominator::Update => g,
+        };
+        let ratio = (w * self.coefficient as f32) / (denominator + self.eps as f32);
+        let trust_ratio = if w > 0.0 && g > 0.0 { ratio } else { 1.0 };
+        let rate = match self.local_rate {
+            LocalRate::Product => trust_ratio * lr as f32,
+            LocalRate::Clip => trust_ratio.min(lr as f32),
+        };
+        (trust_ratio, rate)
+    }
+
+    /// [`Self::local_rate`] on 0-d tensors that stay on their device (reading
+    /// them would wait for a GPU).
+    fn local_rate_on_device(
+        &self,
+        w_norm: &Tensor,
+        grad_norm: &Tensor,
+        lr: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let denominator = match self.denominator {
+            TrustDenominator::GradPlusDecay(decay) => (grad_norm + (w_norm * decay)?)?,
+            TrustDenominator::Update => grad_norm.clone(),
+        };
+        let ratio = ((w_norm * self.coefficient)? / (denominator + self.eps)?)?;
+        let both_nonzero = w_norm.minimum(grad_norm)?.gt(0f32)?;
+        let trust_ratio = both_nonzero.where_cond(&ratio, &ratio.ones_like()?)?;
+        let rate = match self.local_rate {
+            LocalRate::Product => (&trust_ratio * lr)?,
+            LocalRate::Clip => trust_ratio.minimum(lr as f32)?,
+        };
+        Ok((trust_ratio, rate))
+    }
+}
+
 impl Transform for ScaleByTrustRatio {
     fn apply(
         &mut self,
@@ -78,20 +120,22 @@ impl Transform for ScaleByTrustRatio {
             return scale(&update, param.lr);
         }
         let w_norm = l2_norm(param.value)?;
-        let grad_norm = match self.denominator {
-            TrustDenominator::GradPlusDecay(_) => l2_norm(param.grad)?,
-            TrustDenominator::Update => l2_norm(&update)?,
+        let grad_norm = || match self.denominator {
+            TrustDenominator::GradPlusDecay(_) => l2_norm(param.grad),
+            TrustDenominator::Update => l2_norm(&update),
         };
-        let denominator = match self.denominator {
-            TrustDenominator::GradPlusDecay(decay) => (&grad_norm + (&w_norm * decay)?)?,
-            TrustDenominator::Update => grad_norm.clone(),
-        };
-        let ratio = ((&w_norm * self.coefficient)? / (denominator + self.eps)?)?;
-        let both_nonzero = w_norm.minimum(&grad_norm)?.gt(0f32)?;
-        let trust_ratio = both_nonzero.where_cond(&ratio, &ratio.ones_like()?)?;
-        let rate = match self.local_rate {
-            LocalRate::Product => (&trust_ratio * param.lr)?,
-            LocalRate::Clip => trust_ratio.minimum(param.lr as f32)?,
+        let (trust_ratio, rate) = if w_norm.device().is_cpu() {
+            let g = match (self.denominator, param.grad_norm) {
+                (TrustDenominator::GradPlusDecay(_), Some(g)) => g,
+                _ => grad_norm()?.to_scalar::<f32>()?,
+            };
+            let (ratio, rate) = self.local_rate(w_norm.to_scalar::<f32>()?, g, param.lr);
+            (
+                Tensor::new(ratio, w_norm.device())?,
+                Tensor::new(rate, w_norm.device())?,
+            )
+        } else {
+            self.local_rate_on_device(&w_norm, &grad_norm()?, param.lr)?
         };
         let scaled = scale_by(&update, &rate)?;
         report.trust_ratio = Some(trust_ratio);
@@ -243,4 +287,53 @@ fn slot_of<T>(states: &mut Vec<Option<T>>, index: usize) -> &mut Option<T> {
         states.resize_with(index + 1, || None);
     }
     &mut states[index]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The CPU's scalar trust ratio and local rate equal the device version
+    /// to the bit, guard included, for every denominator and rate mode.
+    #[test]
+    fn scalar_and_tensor_local_rates_agree_to_the_bit() {
+        let norms = [
+            (3.7f32, 0.021f32),
+            (0.5, 12.0),
+            (0.0, 1.0),
+            (2.0, 0.0),
+            (1e-6, 1e-9),
+        ];
+        for denominator in [
+            TrustDenominator::GradPlusDecay(5e-4),
+            TrustDenominator::GradPlusDecay(0.0),
+            TrustDenominator::Update,
+        ] {
+            for local_rate in [LocalRate::Product, LocalRate::Clip] {
+                let link = ScaleByTrustRatio {
+                    coefficient: 0.001,
+                    eps: 1e-9,
+                    denominator,
+                    local_rate,
+                    exclude_1d: true,
+                };
+                for (w, g) in norms {
+                    let on_host = link.local_rate(w, g, 0.37);
+                    let tensor = |v: f32| Tensor::new(v, &Device::Cpu).unwrap();
+                    let (ratio, rate) = link
+                        .local_rate_on_device(&tensor(w), &tensor(g), 0.37)
+                        .unwrap();
+                    let on_device = (
+                        ratio.to_scalar::<f32>().unwrap(),
+                        rate.to_scalar::<f32>().unwrap(),
+                    );
+                    assert_eq!(
+                        on_host, on_device,
+                        "{denominator:?}, {local_rate:?}, ‖w‖ {w}, ‖g‖ {g}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -404,6 +404,7 @@ impl Trainer {
                 &self.model,
                 &mut self.optimizer,
                 grads,
+                g.grad_norms.as_deref(),
                 lr,
                 &mut record,
                 probe,

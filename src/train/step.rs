@@ -28,6 +28,9 @@ pub struct Gradients {
     pub logits: Tensor,
     /// Absent when the loss is not finite (nothing to differentiate).
     pub grads: Option<GradStore>,
+    /// ‖g‖ per parameter (in [`Model::params`] order), when the backward
+    /// pass took them on the way (the fused CPU pass does).
+    pub grad_norms: Option<Vec<f32>>,
     /// The layers' insides, when asked for.
     pub trace: Option<Trace>,
 }
@@ -72,6 +75,7 @@ pub fn fused_pass(
             .grads
             .map(|grads| grad_store(model.params(), grads))
             .transpose()?,
+        grad_norms: pass.grad_norms,
         trace: pass.trace,
     })
 }
@@ -95,6 +99,7 @@ pub fn by_hand(
         loss,
         logits,
         grads,
+        grad_norms: None,
         trace: Some(trace),
     })
 }
@@ -120,6 +125,7 @@ pub fn with_autograd(
         loss: loss_value,
         logits,
         grads,
+        grad_norms: None,
         trace: Some(traced),
     })
 }
@@ -170,6 +176,7 @@ pub fn apply_update(
     model: &Model,
     optimizer: &mut Optimizer,
     grads: &GradStore,
+    grad_norms: Option<&[f32]>,
     lr: f64,
     record: &mut Record,
     probe: Probe,
@@ -194,7 +201,7 @@ pub fn apply_update(
         .measure
         .then(|| BeforeStep::measure(model.params(), grads))
         .transpose()?;
-    let steps = optimizer.step(model.params(), grads, lr)?;
+    let steps = optimizer.step_with_norms(model.params(), grads, grad_norms, lr)?;
     if let Some(before) = before {
         before.complete(&steps, lr, record)?;
     }
@@ -220,7 +227,8 @@ pub fn train_step(
         if let Some(trace) = &g.trace {
             layer_stats(model, trace, record)?;
         }
-        apply_update(model, optimizer, grads, lr, record, probe)?;
+        let norms = g.grad_norms.as_deref();
+        apply_update(model, optimizer, grads, norms, lr, record, probe)?;
     }
     Ok(g.loss)
 }
