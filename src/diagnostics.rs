@@ -18,7 +18,12 @@ pub struct BeforeStep {
 }
 
 impl BeforeStep {
-    pub fn measure(params: &[Param], grads: &GradStore) -> Result<Self> {
+    /// The norms before the step; `grad_norms` where the backward pass took them.
+    pub fn measure(
+        params: &[Param],
+        grads: &GradStore,
+        grad_norms: Option<&[f32]>,
+    ) -> Result<Self> {
         let grad_of = |p: &Param| {
             grads
                 .get(p.tensor())
@@ -30,10 +35,16 @@ impl BeforeStep {
                 .iter()
                 .map(|p| l2_norm(p.tensor()))
                 .collect::<Result<_>>()?,
-            grad_norms: params
-                .iter()
-                .map(|p| l2_norm(grad_of(p)?))
-                .collect::<Result<_>>()?,
+            grad_norms: match grad_norms {
+                Some(norms) => norms
+                    .iter()
+                    .map(|&n| Tensor::new(n, params[0].tensor().device()))
+                    .collect::<Result<_>>()?,
+                None => params
+                    .iter()
+                    .map(|p| l2_norm(grad_of(p)?))
+                    .collect::<Result<_>>()?,
+            },
         })
     }
 

@@ -352,8 +352,8 @@ impl Trainer {
                 probe.diagnostics,
             )?;
             let grad_norm = match &g.grads {
-                Some(grads) if self.detector.needs_grad_norm() => {
-                    Some(global_grad_norm(&self.model, grads)?)
+                Some(_) if self.detector.needs_grad_norm() => {
+                    Some(global_grad_norm(&self.model, &g)?)
                 }
                 _ => None,
             };

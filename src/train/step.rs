@@ -6,6 +6,7 @@ use candle_core::{D, DType, Tensor};
 
 use crate::diagnostics::{BeforeStep, layer_stats};
 use crate::model::{Model, Param, Trace, backward, fused};
+use crate::ops::l2_norm;
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::sinks::Record;
@@ -142,20 +143,28 @@ fn grad_store(params: &[Param], grads: Vec<Tensor>) -> candle_core::Result<GradS
     Ok(store)
 }
 
-/// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any gradient is).
-pub fn global_grad_norm(model: &Model, grads: &GradStore) -> anyhow::Result<f64> {
-    let squares = model
-        .params()
+/// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any
+/// gradient is), from the norms the backward pass took where it did.
+pub fn global_grad_norm(model: &Model, g: &Gradients) -> anyhow::Result<f64> {
+    let grads = g.grads.as_ref().expect("a finite loss has gradients");
+    let norms = match &g.grad_norms {
+        Some(norms) => norms.clone(),
+        None => model
+            .params()
+            .iter()
+            .map(|p| {
+                let grad = grads
+                    .get(p.tensor())
+                    .expect("every parameter has a gradient");
+                l2_norm(grad)?.to_scalar::<f32>()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    };
+    Ok(norms
         .iter()
-        .map(|p| {
-            let g = grads
-                .get(p.tensor())
-                .expect("every parameter has a gradient");
-            g.sqr()?.sum_all()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?;
-    Ok(total.to_scalar::<f32>()? as f64)
+        .map(|&n| (n as f64) * (n as f64))
+        .sum::<f64>()
+        .sqrt())
 }
 
 /// The batch figures every logged step records.
@@ -199,7 +208,7 @@ pub fn apply_update(
     }
     let before = probe
         .measure
-        .then(|| BeforeStep::measure(model.params(), grads))
+        .then(|| BeforeStep::measure(model.params(), grads, grad_norms))
         .transpose()?;
     let steps = optimizer.step_with_norms(model.params(), grads, grad_norms, lr)?;
     if let Some(before) = before {
