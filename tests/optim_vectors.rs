@@ -86,7 +86,7 @@ fn replay(case: &Case) {
         let steps = optimizer.step(&params, &grads, lr).unwrap();
         if let Some(ratios) = &case.trust_ratios {
             for (i, expected) in ratios[step].iter().enumerate() {
-                let got = steps[i].report.trust_ratio.as_ref().expect("a trust ratio");
+                let got = steps[i].trust_ratio.as_ref().expect("a trust ratio");
                 let got = got.to_scalar::<f32>().unwrap() as f64;
                 assert!(
                     (got - expected).abs() <= 1e-5 * expected.abs(),

@@ -19,16 +19,16 @@
 //! Tested against that module and against candle's autograd
 //! (tests/explicit_backward.rs).
 
-use std::ops::{Deref, Range};
+use std::ops::Range;
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, StorageRef, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
 use crate::ops::sgemm::{Operand, sgemm};
-use crate::ops::sum_of_squares;
+use crate::ops::{F32View, sum_of_squares};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -391,38 +391,6 @@ fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize) -> Result<(f64,
         total -= (row[label] - max - log_sum) as f64;
     }
     Ok((total / n as f64, grad))
-}
-
-/// A contiguous f32 CPU tensor's values, borrowed from its storage.
-struct F32View<'a> {
-    storage: StorageRef<'a>,
-    range: Range<usize>,
-}
-
-impl<'a> F32View<'a> {
-    fn of(t: &'a Tensor) -> Result<Self> {
-        let (storage, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("fused MLP pass: a tensor is not contiguous")
-        };
-        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
-            bail!("fused MLP pass: f32 CPU tensors only")
-        }
-        Ok(Self {
-            storage,
-            range: start..end,
-        })
-    }
-}
-
-impl Deref for F32View<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match &*self.storage {
-            Storage::Cpu(CpuStorage::F32(values)) => &values[self.range.clone()],
-            _ => unreachable!("checked in F32View::of"),
-        }
-    }
 }
 
 /// A buffer the parts of [`in_parts`] write to, each its own elements.

@@ -17,11 +17,13 @@ pub mod sgemm;
 mod subtract;
 mod symmetry;
 
-use candle_core::{CpuStorage, Layout, Result, bail};
+use std::ops::{Deref, Range};
+
+use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail};
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
 pub use im2col::Im2Col;
-pub use norm::{l2_norm, sum_of_squares};
+pub use norm::{SquareSum, l2_norm, sum_of_squares};
 pub use pool::Pool2;
 pub use scale::{scale, scale_by};
 pub use scale_add::scale_add;
@@ -33,10 +35,10 @@ pub use symmetry::mean_pairwise_cosine;
 /// bus on the optimizer's passes over the largest layers); smaller tensors
 /// stay on the calling thread. Called from a rayon worker (see
 /// [`crate::optim::Optimizer::step`]) the split costs no thread wake-up.
-const SHARE: usize = 1 << 15;
+pub(crate) const SHARE: usize = 1 << 15;
 
 /// The values of a contiguous f32 tensor.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
         bail!("larslab's CPU kernels are implemented for f32 only")
     };
@@ -44,4 +46,36 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
         bail!("larslab's CPU kernels need contiguous tensors")
     };
     Ok(&values[start..end])
+}
+
+/// A contiguous f32 CPU tensor's values, borrowed from its storage.
+pub struct F32View<'a> {
+    storage: StorageRef<'a>,
+    range: Range<usize>,
+}
+
+impl<'a> F32View<'a> {
+    pub fn of(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("larslab's CPU kernels need contiguous tensors")
+        };
+        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+            bail!("larslab's CPU kernels are implemented for f32 only")
+        }
+        Ok(Self {
+            storage,
+            range: start..end,
+        })
+    }
+}
+
+impl Deref for F32View<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(values)) => &values[self.range.clone()],
+            _ => unreachable!("checked in F32View::of"),
+        }
+    }
 }

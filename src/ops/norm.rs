@@ -36,19 +36,36 @@ impl CustomOp1 for Norm {
 
 /// Σ v² in f64, with eight partial sums that the compiler keeps in vector registers.
 pub fn sum_of_squares(values: &[f32]) -> f64 {
-    let mut partial = [0f64; 8];
-    let chunks = values.chunks_exact(8);
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum();
-    for chunk in chunks {
-        for (p, &v) in partial.iter_mut().zip(chunk) {
-            *p += (v as f64) * (v as f64);
+    let mut sum = SquareSum::default();
+    sum.add(values);
+    sum.total()
+}
+
+/// [`sum_of_squares`] of a slice that arrives in pieces: adding the pieces in
+/// order gives the same bits as summing the whole, as long as every piece but
+/// the last holds a multiple of 8 values.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SquareSum {
+    partial: [f64; 8],
+    tail: f64,
+}
+
+impl SquareSum {
+    pub fn add(&mut self, values: &[f32]) {
+        let chunks = values.chunks_exact(8);
+        for &v in chunks.remainder() {
+            self.tail += (v as f64) * (v as f64);
+        }
+        for chunk in chunks {
+            for (p, &v) in self.partial.iter_mut().zip(chunk) {
+                *p += (v as f64) * (v as f64);
+            }
         }
     }
-    partial.iter().sum::<f64>() + tail
+
+    pub fn total(&self) -> f64 {
+        self.partial.iter().sum::<f64>() + self.tail
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! is subtracted from the parameter. Optimizers differ only in their chain,
 //! which [`Optimizer::new`] spells out in one place.
 
+pub mod elementwise;
 pub mod schedule;
 pub mod transforms;
 
@@ -13,6 +14,8 @@ use candle_core::{Result, Tensor};
 
 use crate::config::{Denominator, OptimizerConfig, OptimizerKind};
 use crate::model::Param;
+use crate::ops::{l2_norm, subtract_in_place};
+use elementwise::{Applied, ElementOp};
 use transforms::{
     AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
     TrustDenominator,
@@ -39,21 +42,19 @@ impl ParamView<'_> {
     }
 }
 
-/// What the links report about one parameter's step, as 0-d tensors left on
-/// the device (the trainer fetches them, with everything else, at log steps).
+/// What the links and the step report about one parameter, as 0-d tensors
+/// left on the device (the trainer fetches them, with everything else, at
+/// log steps).
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
     /// The layer's trust ratio λ (1 where excluded or guarded).
     pub trust_ratio: Option<Tensor>,
     /// The step size the layer really got, when it differs from the global rate.
     pub lr_eff: Option<Tensor>,
-}
-
-/// One parameter's step: what was subtracted, and what the links reported.
-#[derive(Debug, Clone)]
-pub struct ParamStep {
-    pub step: Tensor,
-    pub report: StepReport,
+    /// ‖w‖ before the step, when measured.
+    pub weight_norm: Option<Tensor>,
+    /// ‖Δw‖, the norm of what was subtracted, when measured.
+    pub step_norm: Option<Tensor>,
 }
 
 /// One link of an optimizer chain.
@@ -65,6 +66,19 @@ pub trait Transform: Send {
         update: Tensor,
         report: &mut StepReport,
     ) -> Result<Tensor>;
+
+    /// The link's work on each element, for the fused CPU pass
+    /// ([`elementwise`]), given the work of the links before it; `None` where
+    /// the link has no such form (the chain then runs as tensor operations).
+    /// Adds to `report` what [`Transform::apply`] would.
+    fn per_element<'s>(
+        &'s mut self,
+        _param: &ParamView,
+        _before: &[ElementOp],
+        _report: &mut StepReport,
+    ) -> Result<Option<Vec<ElementOp<'s>>>> {
+        Ok(None)
+    }
 
     /// The link's state for parameter `index` as named slots (slot names are
     /// unique within a chain), for checkpoints.
@@ -182,64 +196,281 @@ impl Optimizer {
     }
 
     /// Updates every parameter in place from this step's gradients and returns
-    /// the steps taken (parameter before minus after) with the links' reports.
-    ///
-    /// Runs on a worker of rayon's pool, so that the element-wise passes over
-    /// large tensors share their work between threads without waking any.
+    /// what the links reported.
     pub fn step(
         &mut self,
         params: &[Param],
         grads: &GradStore,
         lr: f64,
-    ) -> anyhow::Result<Vec<ParamStep>> {
-        self.step_with_norms(params, grads, None, lr)
+    ) -> anyhow::Result<Vec<StepReport>> {
+        self.step_with_norms(params, grads, None, lr, false)
     }
 
     /// [`Optimizer::step`], given every gradient's norm (in `params` order)
-    /// where the backward pass took them.
+    /// where the backward pass took them; with `measure`, every report also
+    /// holds ‖w‖ and ‖Δw‖.
+    ///
+    /// On the CPU each parameter is updated in one fused pass
+    /// ([`elementwise`]) where every link has a per-element form; elsewhere
+    /// the chain runs as tensor operations. Runs on a worker of rayon's pool,
+    /// so that passes over large tensors share their work between threads
+    /// without waking any.
     pub fn step_with_norms(
         &mut self,
         params: &[Param],
         grads: &GradStore,
         grad_norms: Option<&[f32]>,
         lr: f64,
-    ) -> anyhow::Result<Vec<ParamStep>> {
-        rayon::scope(|_| self.step_each(params, grads, grad_norms, lr))
+        measure: bool,
+    ) -> anyhow::Result<Vec<StepReport>> {
+        rayon::scope(|_| {
+            params
+                .iter()
+                .enumerate()
+                .map(|(index, param)| {
+                    let grad = grads
+                        .get(param.tensor())
+                        .ok_or_else(|| anyhow::anyhow!("no gradient reached {}", param.name))?
+                        .detach();
+                    let value = param.tensor().detach();
+                    let view = ParamView {
+                        index,
+                        value: &value,
+                        grad: &grad,
+                        grad_norm: grad_norms.map(|norms| norms[index]),
+                        lr,
+                    };
+                    Ok(self.update(param, &view, measure)?)
+                })
+                .collect()
+        })
     }
 
-    fn step_each(
+    /// One parameter's step, fused where it can be.
+    fn update(&mut self, param: &Param, view: &ParamView, measure: bool) -> Result<StepReport> {
+        let mut report = StepReport::default();
+        if fusable(view) {
+            if let Some(applied) = self.update_fused(param, view, &mut report)? {
+                if measure {
+                    let device = view.value.device();
+                    report.weight_norm = Some(Tensor::new(applied.weight_norm, device)?);
+                    report.step_norm = Some(Tensor::new(applied.step_norm, device)?);
+                }
+                return Ok(report);
+            }
+            report = StepReport::default();
+        }
+        self.update_by_tensors(param, view, measure, report)
+    }
+
+    /// The fused pass, where every link has a per-element form.
+    fn update_fused(
         &mut self,
+        param: &Param,
+        view: &ParamView,
+        report: &mut StepReport,
+    ) -> Result<Option<Applied>> {
+        let mut ops: Vec<ElementOp> = Vec::new();
+        for link in self.chain.iter_mut() {
+            let Some(more) = link.per_element(view, &ops, report)? else {
+                return Ok(None);
+            };
+            ops.extend(more);
+        }
+        elementwise::apply(&param.var, view.grad, &mut ops).map(Some)
+    }
+
+    /// The chain as tensor operations, then `w ← w − step`.
+    fn update_by_tensors(
+        &mut self,
+        param: &Param,
+        view: &ParamView,
+        measure: bool,
+        mut report: StepReport,
+    ) -> Result<StepReport> {
+        let step = self
+            .chain
+            .iter_mut()
+            .try_fold(view.grad.clone(), |update, link| {
+                link.apply(view, update, &mut report)
+            })?;
+        if measure {
+            // Before the subtraction, which writes into `view.value`'s storage.
+            report.weight_norm = Some(l2_norm(view.value)?);
+            report.step_norm = Some(l2_norm(&step)?);
+        }
+        subtract_in_place(&param.var, &step)?;
+        Ok(report)
+    }
+}
+
+/// Whether a parameter can take the fused pass: f32 values on the CPU.
+fn fusable(view: &ParamView) -> bool {
+    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    f32_on_cpu(view.value) && f32_on_cpu(view.grad) && view.value.is_contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::ops::SHARE;
+
+    /// Parameters of three kinds: split between threads in shares (the last
+    /// partial), 1-D, and a length that is no multiple of 8.
+    fn params(seed: f32) -> Vec<Param> {
+        [
+            ("w", vec![3, SHARE / 2 + 13]),
+            ("b", vec![250]),
+            ("odd", vec![7, 13]),
+        ]
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values = (0..n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 211.0 * seed)
+                .collect();
+            Param {
+                name: name.into(),
+                var: Var::from_vec(values, shape, &Device::Cpu).unwrap(),
+            }
+        })
+        .collect()
+    }
+
+    /// The gradients of L = Σ ⟨w, G⟩: exactly G, different at every step,
+    /// with a zero among them for the trust ratio's guard.
+    fn gradients(params: &[Param], step: usize) -> GradStore {
+        let mut loss = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (k, p) in params.iter().enumerate() {
+            let n = p.tensor().elem_count();
+            let g: Vec<f32> = (0..n)
+                .map(|i| match (k, step) {
+                    (1, 2) => 0.0,
+                    _ => (((i + 31 * step) * 104_729 % 997) as f32 - 498.0) * 1e-3,
+                })
+                .collect();
+            let g = Tensor::from_vec(g, p.tensor().shape(), &Device::Cpu).unwrap();
+            loss = (loss + (p.tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+        }
+        loss.backward().unwrap()
+    }
+
+    /// [`Optimizer::step_with_norms`] with every parameter through the chain
+    /// of tensor operations.
+    fn step_by_tensors(
+        optimizer: &mut Optimizer,
         params: &[Param],
         grads: &GradStore,
-        grad_norms: Option<&[f32]>,
         lr: f64,
-    ) -> anyhow::Result<Vec<ParamStep>> {
+    ) -> Vec<StepReport> {
         params
             .iter()
             .enumerate()
             .map(|(index, param)| {
-                let grad = grads
-                    .get(param.tensor())
-                    .ok_or_else(|| anyhow::anyhow!("no gradient reached {}", param.name))?
-                    .detach();
+                let grad = grads.get(param.tensor()).unwrap().detach();
                 let value = param.tensor().detach();
                 let view = ParamView {
                     index,
                     value: &value,
                     grad: &grad,
-                    grad_norm: grad_norms.map(|norms| norms[index]),
+                    grad_norm: None,
                     lr,
                 };
-                let mut report = StepReport::default();
-                let step = self
-                    .chain
-                    .iter_mut()
-                    .try_fold(grad.clone(), |update, link| {
-                        link.apply(&view, update, &mut report)
-                    })?;
-                crate::ops::subtract_in_place(&param.var, &step)?;
-                Ok(ParamStep { step, report })
+                let report = StepReport::default();
+                optimizer
+                    .update_by_tensors(param, &view, true, report)
+                    .unwrap()
             })
             .collect()
+    }
+
+    /// The values' bits (f32 and i64 values are exact in f64).
+    fn bits(t: &Option<Tensor>) -> Option<Vec<u64>> {
+        t.as_ref().map(|t| {
+            let values = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64);
+            let values = values.unwrap().to_vec1::<f64>().unwrap();
+            values.iter().map(|v| v.to_bits()).collect()
+        })
+    }
+
+    fn state_bits(state: HashMap<String, Tensor>) -> Vec<(String, Option<Vec<u64>>)> {
+        let mut state: Vec<_> = state
+            .into_iter()
+            .map(|(k, t)| (k, bits(&Some(t))))
+            .collect();
+        state.sort();
+        state
+    }
+
+    /// The fused pass takes the chain's steps to the bit: parameters,
+    /// momentum buffers, trust ratios, rates and the measured norms, over
+    /// steps that start, continue and (after a checkpoint's state is
+    /// restored) resume the momentum, for every variant of the chains that
+    /// have a per-element form. LAMB, which has none, falls back to tensors.
+    #[test]
+    fn the_fused_pass_equals_the_chain_of_tensor_operations_to_the_bit() {
+        let variants = [
+            "kind = 'sgd'",
+            "kind = 'sgd'\nmomentum = 0.0",
+            "kind = 'sgd'\nnesterov = true\nweight_decay = 0.01",
+            "kind = 'lars'",
+            "kind = 'lars'\nweight_decay = 0.01\neps = 1e-9",
+            "kind = 'lars'\nweight_decay = 0.01\ndenominator = 'decayed'\nexclude_1d = false",
+            "kind = 'lars'\nclip = true\nnesterov = true",
+            "kind = 'lamb'\nweight_decay = 0.01",
+        ];
+        for variant in variants {
+            let config: OptimizerConfig = toml::from_str(variant).unwrap();
+            let (fused, by_tensors) = (params(1.0), params(1.0));
+            let mut a = Optimizer::new(&config);
+            let mut b = Optimizer::new(&config);
+            for step in 0..4 {
+                if step == 2 {
+                    let state = a.state(&fused);
+                    a = Optimizer::new(&config);
+                    a.restore(&fused, &state).unwrap();
+                }
+                let lr = 0.1 / (step + 1) as f64;
+                let ours = a
+                    .step_with_norms(&fused, &gradients(&fused, step), None, lr, true)
+                    .unwrap();
+                let theirs =
+                    step_by_tensors(&mut b, &by_tensors, &gradients(&by_tensors, step), lr);
+                let at = |what: &str| format!("{variant:?}, step {step}: {what}");
+                for (k, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
+                    assert_eq!(
+                        bits(&ours.trust_ratio),
+                        bits(&theirs.trust_ratio),
+                        "{}",
+                        at("λ")
+                    );
+                    assert_eq!(bits(&ours.lr_eff), bits(&theirs.lr_eff), "{}", at("lr_eff"));
+                    assert_eq!(
+                        bits(&ours.weight_norm),
+                        bits(&theirs.weight_norm),
+                        "{}",
+                        at("‖w‖")
+                    );
+                    assert_eq!(
+                        bits(&ours.step_norm),
+                        bits(&theirs.step_norm),
+                        "{}",
+                        at("‖Δw‖")
+                    );
+                    let value = |p: &[Param]| bits(&Some(p[k].tensor().clone()));
+                    assert_eq!(value(&fused), value(&by_tensors), "{}", at(&fused[k].name));
+                }
+                assert_eq!(
+                    state_bits(a.state(&fused)),
+                    state_bits(b.state(&by_tensors)),
+                    "{}",
+                    at("optimizer state")
+                );
+            }
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! Per-parameter quantities (norms, trust ratios) stay 0-d tensors on the
 //! device: a step never waits for a transfer to the host.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Shape, Tensor};
 
+use super::elementwise::{self, ElementOp};
 use super::{ParamView, StepReport, Transform};
 
 use crate::ops::{l2_norm, scale, scale_add, scale_by};
@@ -23,12 +24,31 @@ impl AddDecayedWeights {
     }
 }
 
+impl AddDecayedWeights {
+    fn skips(&self, param: &ParamView) -> bool {
+        self.rate == 0.0 || (self.exclude_1d && param.is_1d())
+    }
+}
+
 impl Transform for AddDecayedWeights {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
-        if self.rate == 0.0 || (self.exclude_1d && param.is_1d()) {
+        if self.skips(param) {
             return Ok(update);
         }
         update + (param.value * self.rate)?
+    }
+
+    fn per_element<'s>(
+        &'s mut self,
+        param: &ParamView,
+        _: &[ElementOp],
+        _: &mut StepReport,
+    ) -> Result<Option<Vec<ElementOp<'s>>>> {
+        Ok(Some(if self.skips(param) {
+            Vec::new()
+        } else {
+            vec![ElementOp::AddScaledWeights(self.rate as f32)]
+        }))
     }
 }
 
@@ -108,6 +128,28 @@ impl ScaleByTrustRatio {
     }
 }
 
+impl ScaleByTrustRatio {
+    fn excludes(&self, param: &ParamView) -> bool {
+        self.exclude_1d && param.is_1d()
+    }
+
+    /// [`Self::local_rate`] of the parameter on the host, given the norm of
+    /// the incoming update where the denominator needs it.
+    fn local_rate_on_host(
+        &self,
+        param: &ParamView,
+        update_norm: impl FnOnce() -> Result<f32>,
+    ) -> Result<(f32, f32)> {
+        let g = match (self.denominator, param.grad_norm) {
+            (TrustDenominator::GradPlusDecay(_), Some(g)) => g,
+            (TrustDenominator::GradPlusDecay(_), None) => l2_norm(param.grad)?.to_scalar()?,
+            (TrustDenominator::Update, _) => update_norm()?,
+        };
+        let w = l2_norm(param.value)?.to_scalar::<f32>()?;
+        Ok(self.local_rate(w, g, param.lr))
+    }
+}
+
 impl Transform for ScaleByTrustRatio {
     fn apply(
         &mut self,
@@ -115,32 +157,52 @@ impl Transform for ScaleByTrustRatio {
         update: Tensor,
         report: &mut StepReport,
     ) -> Result<Tensor> {
-        if self.exclude_1d && param.is_1d() {
-            report.trust_ratio = Some(Tensor::new(1f32, update.device())?);
+        let device = update.device();
+        if self.excludes(param) {
+            report.trust_ratio = Some(Tensor::new(1f32, device)?);
             return scale(&update, param.lr);
         }
-        let w_norm = l2_norm(param.value)?;
-        let grad_norm = || match self.denominator {
-            TrustDenominator::GradPlusDecay(_) => l2_norm(param.grad),
-            TrustDenominator::Update => l2_norm(&update),
-        };
-        let (trust_ratio, rate) = if w_norm.device().is_cpu() {
-            let g = match (self.denominator, param.grad_norm) {
-                (TrustDenominator::GradPlusDecay(_), Some(g)) => g,
-                _ => grad_norm()?.to_scalar::<f32>()?,
-            };
-            let (ratio, rate) = self.local_rate(w_norm.to_scalar::<f32>()?, g, param.lr);
-            (
-                Tensor::new(ratio, w_norm.device())?,
-                Tensor::new(rate, w_norm.device())?,
-            )
+        let (trust_ratio, rate) = if device.is_cpu() {
+            let (ratio, rate) = self.local_rate_on_host(param, || l2_norm(&update)?.to_scalar())?;
+            (Tensor::new(ratio, device)?, Tensor::new(rate, device)?)
         } else {
-            self.local_rate_on_device(&w_norm, &grad_norm()?, param.lr)?
+            let grad_norm = match self.denominator {
+                TrustDenominator::GradPlusDecay(_) => l2_norm(param.grad)?,
+                TrustDenominator::Update => l2_norm(&update)?,
+            };
+            self.local_rate_on_device(&l2_norm(param.value)?, &grad_norm, param.lr)?
         };
         let scaled = scale_by(&update, &rate)?;
         report.trust_ratio = Some(trust_ratio);
         report.lr_eff = Some(rate);
         Ok(scaled)
+    }
+
+    /// The norms are taken here, before the pass; an `Update` denominator
+    /// after links with state has no per-element form.
+    fn per_element<'s>(
+        &'s mut self,
+        param: &ParamView,
+        before: &[ElementOp],
+        report: &mut StepReport,
+    ) -> Result<Option<Vec<ElementOp<'s>>>> {
+        let device = param.value.device();
+        if self.excludes(param) {
+            report.trust_ratio = Some(Tensor::new(1f32, device)?);
+            return Ok(Some(vec![ElementOp::Scale(param.lr as f32)]));
+        }
+        let mut stateful_before = false;
+        let (ratio, rate) = self.local_rate_on_host(param, || {
+            let norm = elementwise::norm_after(before, param.grad, param.value)?;
+            stateful_before = norm.is_none();
+            Ok(norm.unwrap_or(f32::NAN))
+        })?;
+        if stateful_before {
+            return Ok(None);
+        }
+        report.trust_ratio = Some(Tensor::new(ratio, device)?);
+        report.lr_eff = Some(Tensor::new(rate, device)?);
+        Ok(Some(vec![ElementOp::Scale(rate)]))
     }
 }
 
@@ -149,7 +211,7 @@ impl Transform for ScaleByTrustRatio {
 pub struct Trace {
     decay: f64,
     nesterov: bool,
-    buffers: Vec<Option<Tensor>>,
+    buffers: Vec<Option<Buffer>>,
 }
 
 impl Trace {
@@ -162,13 +224,61 @@ impl Trace {
     }
 }
 
+/// A momentum buffer, kept in the form of the path that updates it: a
+/// tensor for the chain of tensor operations, the values themselves for the
+/// fused CPU pass (which updates them in place; empty before the first step).
+enum Buffer {
+    Tensor(Tensor),
+    Values(Vec<f32>, Shape),
+}
+
+impl Buffer {
+    fn values(&mut self) -> Result<&mut Vec<f32>> {
+        if let Buffer::Tensor(t) = self {
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            *self = Buffer::Values(values, t.shape().clone());
+        }
+        match self {
+            Buffer::Values(values, _) => Ok(values),
+            Buffer::Tensor(_) => unreachable!("turned into values above"),
+        }
+    }
+
+    /// The buffer as a tensor; `None` before the first step.
+    fn into_tensor(self) -> Result<Option<Tensor>> {
+        match self {
+            Buffer::Tensor(t) => Ok(Some(t)),
+            Buffer::Values(values, _) if values.is_empty() => Ok(None),
+            Buffer::Values(values, shape) => {
+                Tensor::from_vec(values, shape, &Device::Cpu).map(Some)
+            }
+        }
+    }
+
+    /// A copy of the buffer as a tensor; `None` before the first step.
+    fn to_tensor(&self) -> Option<Tensor> {
+        match self {
+            Buffer::Tensor(t) => Some(t.clone()),
+            Buffer::Values(values, _) if values.is_empty() => None,
+            Buffer::Values(values, shape) => Some(
+                Tensor::from_slice(values, shape, &Device::Cpu).expect("values fill their shape"),
+            ),
+        }
+    }
+}
+
 impl Transform for Trace {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         if self.decay == 0.0 {
             return Ok(update);
         }
         let buffer = slot_of(&mut self.buffers, param.index);
-        let trace = match buffer.take() {
+        let previous = buffer
+            .take()
+            .map(Buffer::into_tensor)
+            .transpose()?
+            .flatten();
+        let trace = match previous {
             Some(previous) => scale_add(&previous, self.decay, &update)?,
             None => update.clone(),
         };
@@ -177,13 +287,35 @@ impl Transform for Trace {
         } else {
             trace.clone()
         };
-        *buffer = Some(trace);
+        *buffer = Some(Buffer::Tensor(trace));
         Ok(out)
+    }
+
+    fn per_element<'s>(
+        &'s mut self,
+        param: &ParamView,
+        _: &[ElementOp],
+        _: &mut StepReport,
+    ) -> Result<Option<Vec<ElementOp<'s>>>> {
+        if self.decay == 0.0 {
+            return Ok(Some(Vec::new()));
+        }
+        let buffer = slot_of(&mut self.buffers, param.index)
+            .get_or_insert_with(|| Buffer::Values(Vec::new(), param.value.shape().clone()));
+        Ok(Some(vec![ElementOp::Trace {
+            decay: self.decay as f32,
+            nesterov: self.nesterov,
+            buffer: buffer.values()?,
+        }]))
     }
 
     fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
         match self.buffers.get(index) {
-            Some(Some(buffer)) => vec![("momentum", buffer.clone())],
+            Some(Some(buffer)) => buffer
+                .to_tensor()
+                .map(|t| ("momentum", t))
+                .into_iter()
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -192,7 +324,7 @@ impl Transform for Trace {
         if slot != "momentum" {
             return Ok(false);
         }
-        *slot_of(&mut self.buffers, index) = Some(value.clone());
+        *slot_of(&mut self.buffers, index) = Some(Buffer::Tensor(value.clone()));
         Ok(true)
     }
 }
@@ -278,6 +410,15 @@ pub struct ScaleByLearningRate;
 impl Transform for ScaleByLearningRate {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         scale(&update, param.lr)
+    }
+
+    fn per_element<'s>(
+        &'s mut self,
+        param: &ParamView,
+        _: &[ElementOp],
+        _: &mut StepReport,
+    ) -> Result<Option<Vec<ElementOp<'s>>>> {
+        Ok(Some(vec![ElementOp::Scale(param.lr as f32)]))
     }
 }
 

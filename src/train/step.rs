@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
-use crate::diagnostics::{BeforeStep, layer_stats};
+use crate::diagnostics::{layer_stats, step_measurements};
 use crate::model::{Model, Param, Trace, backward, fused};
 use crate::ops::l2_norm;
 use crate::optim::Optimizer;
@@ -206,13 +206,10 @@ pub fn apply_update(
             ));
         }
     }
-    let before = probe
-        .measure
-        .then(|| BeforeStep::measure(model.params(), grads, grad_norms))
-        .transpose()?;
-    let steps = optimizer.step_with_norms(model.params(), grads, grad_norms, lr)?;
-    if let Some(before) = before {
-        before.complete(&steps, lr, record)?;
+    let params = model.params();
+    let steps = optimizer.step_with_norms(params, grads, grad_norms, lr, probe.measure)?;
+    if probe.measure {
+        step_measurements(params, grads, grad_norms, &steps, lr, record)?;
     }
     Ok(histograms)
 }
