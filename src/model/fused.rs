@@ -28,7 +28,7 @@ use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
 use crate::ops::sgemm::{Operand, sgemm};
-use crate::ops::{F32View, sum_of_squares};
+use crate::ops::{F32View, sum_of_squares, wide};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -155,37 +155,43 @@ impl Run<'_> {
                 let hm = masked.as_mut().map(|m| Shared::room(m, len));
                 let (w, b, mask) = (&weights[i], &biases[i], mask.as_deref());
                 in_parts(out, |cols| {
-                    // z[:, cols] = x_i · W[cols, :]ᵀ
-                    // SAFETY: the parts' column ranges are disjoint; every
-                    // buffer holds n·out values and W out·fan_in.
-                    unsafe {
-                        sgemm(
-                            (n, cols.len(), fan_in),
-                            z.at(cols.start),
-                            out,
-                            Operand::rows(x_i.as_ptr(), fan_in),
-                            Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
-                        );
-                    }
-                    for r in 0..n {
-                        let span = r * out + cols.start..r * out + cols.end;
-                        // SAFETY: each part touches only its own columns.
-                        let z = unsafe { z.slice(span.clone()) };
-                        for (z, b) in z.iter_mut().zip(&b[cols.clone()]) {
-                            *z += b;
-                        }
-                        let Some(h) = &h else { continue };
-                        let h = unsafe { h.slice(span.clone()) };
-                        for (h, z) in h.iter_mut().zip(z.iter()) {
-                            *h = phi.value(*z);
-                        }
-                        if let (Some(hm), Some(mask)) = (&hm, mask) {
-                            let hm = unsafe { hm.slice(span.clone()) };
-                            for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(&mask[span]) {
-                                *hm = h * m;
+                    wide(
+                        #[inline(always)]
+                        || {
+                            // z[:, cols] = x_i · W[cols, :]ᵀ
+                            // SAFETY: the parts' column ranges are disjoint; every
+                            // buffer holds n·out values and W out·fan_in.
+                            unsafe {
+                                sgemm(
+                                    (n, cols.len(), fan_in),
+                                    z.at(cols.start),
+                                    out,
+                                    Operand::rows(x_i.as_ptr(), fan_in),
+                                    Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
+                                );
                             }
-                        }
-                    }
+                            for r in 0..n {
+                                let span = r * out + cols.start..r * out + cols.end;
+                                // SAFETY: each part touches only its own columns.
+                                let z = unsafe { z.slice(span.clone()) };
+                                for (z, b) in z.iter_mut().zip(&b[cols.clone()]) {
+                                    *z += b;
+                                }
+                                let Some(h) = &h else { continue };
+                                let h = unsafe { h.slice(span.clone()) };
+                                for (h, z) in h.iter_mut().zip(z.iter()) {
+                                    *h = phi.value(*z);
+                                }
+                                if let (Some(hm), Some(mask)) = (&hm, mask) {
+                                    let hm = unsafe { hm.slice(span.clone()) };
+                                    for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(&mask[span])
+                                    {
+                                        *hm = h * m;
+                                    }
+                                }
+                            }
+                        },
+                    )
                 });
             }
             // SAFETY: the parts wrote every value: z by the product, h and
@@ -235,63 +241,69 @@ impl Run<'_> {
                     let below = i.checked_sub(1).map(|j| &forward[j]);
                     let (w, delta) = (&weights[i], &delta);
                     in_parts_pair((out, fan_in), |units, inputs| {
-                        // SAFETY (all three blocks): parts own disjoint rows of
-                        // ∂W and entries of ∂b (`units`), and disjoint columns
-                        // of δ_{i−1} (`inputs`).
-                        unsafe {
-                            // ∂W[units, :] = δ[:, units]ᵀ · x_i
-                            sgemm(
-                                (units.len(), fan_in, n),
-                                dw.at(units.start * fan_in),
-                                fan_in,
-                                Operand::columns(delta.as_ptr().add(units.start), out),
-                                Operand::rows(x_i.as_ptr(), fan_in),
-                            );
-                            let db = db.slice(units.clone());
-                            for r in 0..n {
-                                let row = &delta[r * out + units.start..r * out + units.end];
-                                for (db, d) in db.iter_mut().zip(row) {
-                                    *db += d;
+                        wide(
+                            #[inline(always)]
+                            || {
+                                // SAFETY (all three blocks): parts own disjoint rows of
+                                // ∂W and entries of ∂b (`units`), and disjoint columns
+                                // of δ_{i−1} (`inputs`).
+                                unsafe {
+                                    // ∂W[units, :] = δ[:, units]ᵀ · x_i
+                                    sgemm(
+                                        (units.len(), fan_in, n),
+                                        dw.at(units.start * fan_in),
+                                        fan_in,
+                                        Operand::columns(delta.as_ptr().add(units.start), out),
+                                        Operand::rows(x_i.as_ptr(), fan_in),
+                                    );
+                                    let db = db.slice(units.clone());
+                                    for r in 0..n {
+                                        let row =
+                                            &delta[r * out + units.start..r * out + units.end];
+                                        for (db, d) in db.iter_mut().zip(row) {
+                                            *db += d;
+                                        }
+                                    }
+                                    // ‖∂W‖² by rows while they are in cache; summed
+                                    // in row order below, whatever the split.
+                                    let rows = dw.slice(units.start * fan_in..units.end * fan_in);
+                                    for (sq, row) in squares
+                                        .slice(units.clone())
+                                        .iter_mut()
+                                        .zip(rows.chunks_exact(fan_in))
+                                    {
+                                        *sq = sum_of_squares(row);
+                                    }
                                 }
-                            }
-                            // ‖∂W‖² by rows while they are in cache; summed
-                            // in row order below, whatever the split.
-                            let rows = dw.slice(units.start * fan_in..units.end * fan_in);
-                            for (sq, row) in squares
-                                .slice(units.clone())
-                                .iter_mut()
-                                .zip(rows.chunks_exact(fan_in))
-                            {
-                                *sq = sum_of_squares(row);
-                            }
-                        }
-                        let (Some(du), Some(below)) = (&du, below) else {
-                            return;
-                        };
-                        // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z)
-                        unsafe {
-                            sgemm(
-                                (n, inputs.len(), out),
-                                du.at(inputs.start),
-                                fan_in,
-                                Operand::rows(delta.as_ptr(), out),
-                                Operand::rows(w.as_ptr().add(inputs.start), fan_in),
-                            );
-                        }
-                        let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
-                        for r in 0..n {
-                            let span = r * fan_in + inputs.start..r * fan_in + inputs.end;
-                            let du = unsafe { du.slice(span.clone()) };
-                            let (z, h) = (&below.preact[span.clone()], &h[span.clone()]);
-                            for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
-                                *du *= phi.slope(*z, *h);
-                            }
-                            if let Some((mask, _)) = &below.dropout {
-                                for (du, m) in du.iter_mut().zip(&mask[span]) {
-                                    *du *= m;
+                                let (Some(du), Some(below)) = (&du, below) else {
+                                    return;
+                                };
+                                // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z)
+                                unsafe {
+                                    sgemm(
+                                        (n, inputs.len(), out),
+                                        du.at(inputs.start),
+                                        fan_in,
+                                        Operand::rows(delta.as_ptr(), out),
+                                        Operand::rows(w.as_ptr().add(inputs.start), fan_in),
+                                    );
                                 }
-                            }
-                        }
+                                let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
+                                for r in 0..n {
+                                    let span = r * fan_in + inputs.start..r * fan_in + inputs.end;
+                                    let du = unsafe { du.slice(span.clone()) };
+                                    let (z, h) = (&below.preact[span.clone()], &h[span.clone()]);
+                                    for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
+                                        *du *= phi.slope(*z, *h);
+                                    }
+                                    if let Some((mask, _)) = &below.dropout {
+                                        for (du, m) in du.iter_mut().zip(&mask[span]) {
+                                            *du *= m;
+                                        }
+                                    }
+                                }
+                            },
+                        )
                     });
                 }
                 // SAFETY: the products wrote every row of ∂W and every column of δ_{i−1}.

@@ -16,6 +16,7 @@ mod scale_add;
 pub mod sgemm;
 mod subtract;
 mod symmetry;
+mod wide;
 
 use std::ops::{Deref, Range};
 
@@ -29,6 +30,7 @@ pub use scale::{scale, scale_by};
 pub use scale_add::scale_add;
 pub use subtract::subtract_in_place;
 pub use symmetry::mean_pairwise_cosine;
+pub use wide::wide;
 
 /// Values per share when an element-wise pass over a tensor is split
 /// between rayon's threads (a single core cannot keep up with the memory

@@ -36,9 +36,14 @@ impl CustomOp1 for Norm {
 
 /// Σ v² in f64, with eight partial sums that the compiler keeps in vector registers.
 pub fn sum_of_squares(values: &[f32]) -> f64 {
-    let mut sum = SquareSum::default();
-    sum.add(values);
-    sum.total()
+    super::wide(
+        #[inline(always)]
+        || {
+            let mut sum = SquareSum::default();
+            sum.add(values);
+            sum.total()
+        },
+    )
 }
 
 /// [`sum_of_squares`] of a slice that arrives in pieces: adding the pieces in
@@ -51,6 +56,7 @@ pub struct SquareSum {
 }
 
 impl SquareSum {
+    #[inline(always)]
     pub fn add(&mut self, values: &[f32]) {
         let chunks = values.chunks_exact(8);
         for &v in chunks.remainder() {

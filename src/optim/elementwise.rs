@@ -20,7 +20,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor, Var, bail};
 use rayon::prelude::*;
 
-use crate::ops::{F32View, SHARE, SquareSum, contiguous_f32};
+use crate::ops::{F32View, SHARE, SquareSum, contiguous_f32, wide};
 
 /// One link's work on one element u of the update (w: the parameter's value
 /// before the step). An optax chain's element-wise transformations, written
@@ -51,16 +51,22 @@ pub struct Applied {
 const TILE: usize = 1024;
 
 /// Updates `param` in place by the update that `ops` make of `grad`:
-/// w ← w − u with u = ops(grad), in one pass. Large parameters are split
-/// between rayon's threads in [`SHARE`]s.
-pub fn apply(param: &Var, grad: &Tensor, ops: &mut [ElementOp]) -> Result<Applied> {
+/// w ← w − u with u = ops(grad), in one pass; with `measure`, returns ‖w‖
+/// and ‖u‖. Large parameters are split between rayon's threads in
+/// [`SHARE`]s.
+pub fn apply(
+    param: &Var,
+    grad: &Tensor,
+    ops: &mut [ElementOp],
+    measure: bool,
+) -> Result<Option<Applied>> {
     let pass = Pass {
         ops: RefCell::new(ops),
+        measure,
         applied: RefCell::new(None),
     };
     param.as_tensor().inplace_op2(&grad.contiguous()?, &pass)?;
-    let applied = pass.applied.borrow_mut().take();
-    applied.ok_or_else(|| candle_core::Error::Msg("the fused optimizer pass did not run".into()))
+    Ok(pass.applied.take())
 }
 
 /// ‖ops(grad)‖, for ops without state (a trust ratio's norm of its incoming
@@ -153,6 +159,7 @@ fn shares<'s>(ops: &'s mut [ElementOp], len: usize) -> Vec<Vec<ShareOp<'s>>> {
 }
 
 /// Applies `ops` to the tile `u` of the update at positions `at` of the parameter.
+#[inline(always)]
 fn carry(u: &mut [f32], w: &[f32], ops: &mut [ShareOp], at: Range<usize>) {
     for op in ops {
         match op {
@@ -176,15 +183,35 @@ fn carry(u: &mut [f32], w: &[f32], ops: &mut [ShareOp], at: Range<usize>) {
                         .for_each(|(v, u)| *v = *decay * *v + u);
                 }
                 if *nesterov {
-                    u.iter_mut()
-                        .zip(&*v)
-                        .for_each(|(u, v)| *u += *decay * v);
+                    u.iter_mut().zip(&*v).for_each(|(u, v)| *u += *decay * v);
                 } else {
                     u.copy_from_slice(v);
                 }
             }
         }
     }
+}
+
+/// One share of [`apply`]'s pass; with `measure`, (Σw², Σu²).
+fn update_share(w: &mut [f32], g: &[f32], ops: &mut [ShareOp], measure: bool) -> (f64, f64) {
+    wide(
+        #[inline(always)]
+        || {
+            let (mut weights, mut steps) = (SquareSum::default(), SquareSum::default());
+            let mut u = [0f32; TILE];
+            for at in tiles(g.len()) {
+                let (u, w) = (&mut u[..at.len()], &mut w[at.clone()]);
+                u.copy_from_slice(&g[at.clone()]);
+                carry(u, w, ops, at);
+                if measure {
+                    weights.add(w);
+                    steps.add(u);
+                }
+                w.iter_mut().zip(&*u).for_each(|(w, u)| *w -= u);
+            }
+            (weights.total(), steps.total())
+        },
+    )
 }
 
 /// `0..len` in tiles.
@@ -197,6 +224,7 @@ fn tiles(len: usize) -> impl Iterator<Item = Range<usize>> {
 /// The pass, as an in-place operation on the parameter's storage.
 struct Pass<'o, 'a> {
     ops: RefCell<&'o mut [ElementOp<'a>]>,
+    measure: bool,
     applied: RefCell<Option<Applied>>,
 }
 
@@ -223,24 +251,16 @@ impl InplaceOp2 for Pass<'_, '_> {
         }
         let mut ops = self.ops.borrow_mut();
         let shares = shares(&mut ops, w.len());
+        let measure = self.measure;
         let sums: Vec<(f64, f64)> = w
             .par_chunks_mut(SHARE)
             .zip(g.par_chunks(SHARE))
             .zip(shares)
-            .map(|((w, g), mut ops)| {
-                let (mut weights, mut steps) = (SquareSum::default(), SquareSum::default());
-                let mut u = [0f32; TILE];
-                for at in tiles(g.len()) {
-                    let (u, w) = (&mut u[..at.len()], &mut w[at.clone()]);
-                    u.copy_from_slice(&g[at.clone()]);
-                    carry(u, w, &mut ops, at);
-                    weights.add(w);
-                    steps.add(u);
-                    w.iter_mut().zip(&*u).for_each(|(w, u)| *w -= u);
-                }
-                (weights.total(), steps.total())
-            })
+            .map(|((w, g), mut ops)| update_share(w, g, &mut ops, measure))
             .collect();
+        if !measure {
+            return Ok(());
+        }
         let norm = |sum: f64| sum.sqrt() as f32;
         *self.applied.borrow_mut() = Some(Applied {
             weight_norm: norm(sums.iter().map(|s| s.0).sum()),

@@ -15,7 +15,7 @@ use candle_core::{Result, Tensor};
 use crate::config::{Denominator, OptimizerConfig, OptimizerKind};
 use crate::model::Param;
 use crate::ops::{l2_norm, subtract_in_place};
-use elementwise::{Applied, ElementOp};
+use elementwise::ElementOp;
 use transforms::{
     AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
     TrustDenominator,
@@ -249,35 +249,34 @@ impl Optimizer {
     /// One parameter's step, fused where it can be.
     fn update(&mut self, param: &Param, view: &ParamView, measure: bool) -> Result<StepReport> {
         let mut report = StepReport::default();
-        if fusable(view) {
-            if let Some(applied) = self.update_fused(param, view, &mut report)? {
-                if measure {
-                    let device = view.value.device();
-                    report.weight_norm = Some(Tensor::new(applied.weight_norm, device)?);
-                    report.step_norm = Some(Tensor::new(applied.step_norm, device)?);
-                }
-                return Ok(report);
-            }
-            report = StepReport::default();
+        if fusable(view) && self.update_fused(param, view, measure, &mut report)? {
+            return Ok(report);
         }
-        self.update_by_tensors(param, view, measure, report)
+        self.update_by_tensors(param, view, measure, StepReport::default())
     }
 
-    /// The fused pass, where every link has a per-element form.
+    /// The fused pass, where every link has a per-element form; `false`
+    /// (and nothing changed but `report`) where one has none.
     fn update_fused(
         &mut self,
         param: &Param,
         view: &ParamView,
+        measure: bool,
         report: &mut StepReport,
-    ) -> Result<Option<Applied>> {
+    ) -> Result<bool> {
         let mut ops: Vec<ElementOp> = Vec::new();
         for link in self.chain.iter_mut() {
             let Some(more) = link.per_element(view, &ops, report)? else {
-                return Ok(None);
+                return Ok(false);
             };
             ops.extend(more);
         }
-        elementwise::apply(&param.var, view.grad, &mut ops).map(Some)
+        if let Some(applied) = elementwise::apply(&param.var, view.grad, &mut ops, measure)? {
+            let device = view.value.device();
+            report.weight_norm = Some(Tensor::new(applied.weight_norm, device)?);
+            report.step_norm = Some(Tensor::new(applied.step_norm, device)?);
+        }
+        Ok(true)
     }
 
     /// The chain as tensor operations, then `w ← w − step`.
