@@ -2,7 +2,8 @@
 //! CPU passes) against candle's autograd: every parameter's gradient, every
 //! pre-activation's, and what the trace keeps of the forward pass, for every
 //! activation, with and without dropout, to 1e-5. Layers wider than 32 units
-//! make the fused passes split their work between threads.
+//! make the fused passes split their work between threads; a 1024-unit layer
+//! at batch 512 makes them finish each product block by block.
 
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
@@ -29,15 +30,15 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 fn hand_gradients_equal_autograd() {
     let device = Device::Cpu;
     let mut data = rng::stream(7, Stream::Data);
-    let (n, features, classes) = (16, 50, 5);
-    let x: Vec<f32> = (0..n * features)
+    let (rows, features, classes) = (512, 50, 5);
+    let x: Vec<f32> = (0..rows * features)
         .map(|_| data.random::<f32>() * 2.0 - 1.0)
         .collect();
-    let y: Vec<u32> = (0..n)
+    let y: Vec<u32> = (0..rows)
         .map(|_| data.random_range(0..classes as u32))
         .collect();
-    let x = Tensor::from_vec(x, (n, features), &device).unwrap();
-    let y = Tensor::from_vec(y, n, &device).unwrap();
+    let x = Tensor::from_vec(x, (rows, features), &device).unwrap();
+    let y = Tensor::from_vec(y, rows, &device).unwrap();
     for activation in [
         Activation::Relu,
         Activation::LeakyRelu,
@@ -47,10 +48,11 @@ fn hand_gradients_equal_autograd() {
         Activation::Selu,
         Activation::Identity,
     ] {
-        for (dropout, hidden) in [
-            (0.0, vec![10, 9, 8]),
-            (0.3, vec![10, 9, 8]),
-            (0.3, vec![40, 33, 17]),
+        for (n, dropout, hidden) in [
+            (16, 0.0, vec![10, 9, 8]),
+            (16, 0.3, vec![10, 9, 8]),
+            (16, 0.3, vec![40, 33, 17]),
+            (512, 0.3, vec![1024, 64]),
         ] {
             let config = ModelConfig {
                 hidden,
@@ -60,6 +62,7 @@ fn hand_gradients_equal_autograd() {
                 ..ModelConfig::default()
             };
             let model = Model::new(&config, &[features], classes, 3, &device).unwrap();
+            let (x, y) = (x.narrow(0, 0, n).unwrap(), y.narrow(0, 0, n).unwrap());
             let batch = (&x, &y);
             let theirs =
                 with_autograd(&model, batch, &mut rng::stream(1, Stream::Dropout), true).unwrap();

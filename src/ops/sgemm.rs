@@ -12,6 +12,7 @@
 //! does the work.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 /// A matrix read by [`sgemm`]: its first value, and the distance between
 /// consecutive rows and consecutive columns.
@@ -68,20 +69,39 @@ impl Operand {
 /// The operands must hold their matrices at the given strides, and `c` must
 /// be valid for writes of its m×n values, which nothing else touches.
 pub unsafe fn sgemm(
+    dims: (usize, usize, usize),
+    c: *mut f32,
+    c_stride: usize,
+    a: Operand,
+    b: Operand,
+) {
+    unsafe { sgemm_then(dims, c, c_stride, a, b, &|_, _| {}) }
+}
+
+/// [`sgemm`], then `finish(rows, columns)` on each block of `c` as soon as
+/// its values are final, while the block is still in L1: a fused pass's
+/// bias and activation read no value back from memory. The blocks cover `c`
+/// once.
+///
+/// # Safety
+/// As [`sgemm`].
+pub unsafe fn sgemm_then<F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
     a: Operand,
     b: Operand,
+    finish: &F,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        return unsafe { avx512::sgemm((m, n, k), c, c_stride, a, b) };
+        return unsafe { avx512::sgemm((m, n, k), c, c_stride, a, b, finish) };
     }
-    unsafe { portable((m, n, k), c, c_stride, a, b) }
+    unsafe { portable((m, n, k), c, c_stride, a, b) };
+    finish(0..m, 0..n);
 }
 
 /// [`sgemm`] through the `gemm` crate, for CPUs without AVX-512.
@@ -127,7 +147,7 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Operand, PACKED};
+    use super::{Operand, PACKED, Range};
     use std::arch::x86_64::*;
 
     /// Rows of `c` per micro-tile.
@@ -142,12 +162,13 @@ mod avx512 {
     /// # Safety
     /// As [`super::sgemm`], on a CPU with AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn sgemm(
+    pub unsafe fn sgemm<F: Fn(Range<usize>, Range<usize>)>(
         (m, n, k): (usize, usize, usize),
         c: *mut f32,
         c_stride: usize,
         a: Operand,
         b: Operand,
+        finish: &F,
     ) {
         PACKED.with_borrow_mut(|(pa, pb)| {
             let m_panels = m.div_ceil(MR);
@@ -157,6 +178,7 @@ mod avx512 {
                 for i in 0..m {
                     unsafe { std::ptr::write_bytes(c.add(i * c_stride), 0, n) };
                 }
+                finish(0..m, 0..n);
                 return;
             }
             // Equal passes at most KC deep: 784 = 4 × 196 rather than 3 × 256 + 16,
@@ -180,6 +202,9 @@ mod avx512 {
                             unsafe {
                                 micro(kc, panel_a, panel_b, tile, c_stride, rows, cols, pc > 0)
                             };
+                            if pc + kc == k {
+                                finish(i0..i0 + rows, jc + j0..jc + j0 + cols);
+                            }
                         }
                     }
                 }
@@ -440,6 +465,41 @@ mod tests {
                             "{name} wrote past its columns"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// `finish` sees every value of `c` once, after its last pass: past
+    /// several column blocks (NC), several passes and an empty product.
+    #[test]
+    fn finish_sees_every_value_once_when_it_is_final() {
+        for (m, n, k) in [(13, 37, 300), (40, 64, 600), (9, 1100, 20), (5, 7, 0)] {
+            let a = matrix(m, k, false, 1);
+            let b = matrix(k, n, true, 2);
+            let (oa, ob) = (operand(&a, m, k), operand(&b, k, n));
+            let stride = n + 3;
+            let mut plain = vec![f32::NAN; m * stride];
+            let mut finished = plain.clone();
+            let c = finished.as_mut_ptr();
+            let finish = |rows: Range<usize>, cols: Range<usize>| {
+                for i in rows {
+                    for j in cols.clone() {
+                        unsafe { *c.add(i * stride + j) = *c.add(i * stride + j) * 2.0 + 1.0 };
+                    }
+                }
+            };
+            unsafe {
+                sgemm((m, n, k), plain.as_mut_ptr(), stride, oa, ob);
+                sgemm_then((m, n, k), c, stride, oa, ob, &finish);
+            }
+            for i in 0..m {
+                for j in 0..stride {
+                    let (got, want) = (finished[i * stride + j], plain[i * stride + j] * 2.0 + 1.0);
+                    assert!(
+                        got == want || (j >= n && got.is_nan()),
+                        "{m}x{n}x{k} at ({i}, {j}): {got} vs {want}"
+                    );
                 }
             }
         }
