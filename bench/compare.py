@@ -108,6 +108,7 @@ def median_over_rounds(rounds):
         rate = rates[n // 2] if n % 2 else (rates[n // 2 - 1] + rates[n // 2]) / 2
         first = dict(runs[0])
         first.update(steps_per_sec=rate, ms_per_step=1000.0 / rate, rounds=n)
+        first["round_rates"] = [r["steps_per_sec"] for r in runs]
         first["gflops"] = runs[0]["gflops"] * rate / runs[0]["steps_per_sec"]
         out.append(first)
     return out
@@ -116,15 +117,21 @@ def median_over_rounds(rounds):
 def measure(args):
     """Both programs, case by case, taking turns for `--rounds` rounds so
     that drift in the machine's speed reaches both alike (the reference VM
-    drifts by ±30% from minute to minute); never both at once."""
+    drifts by ±30% from minute to minute); never both at once. The order
+    alternates (larslab first, then JAX first, ...), so that a steady drift
+    does not favour the program that always runs first."""
     # The JAX reference has the MLP cases only; larslab's CNN cases would take minutes for nothing.
     cases = [args.case] if args.case else JAX_CASES
     larslab, jax = [], []
     for case in cases:
         rounds_l, rounds_j = [], []
-        for _ in range(args.rounds):
-            rounds_l.append(larslab_run(args, case) if not args.larslab else [])
-            rounds_j.append(jax_run(args, case) if not args.jax else [])
+        for round in range(args.rounds):
+            turns = [
+                lambda: rounds_l.append(larslab_run(args, case) if not args.larslab else []),
+                lambda: rounds_j.append(jax_run(args, case) if not args.jax else []),
+            ]
+            for turn in turns if round % 2 == 0 else reversed(turns):
+                turn()
         larslab += median_over_rounds(rounds_l)
         jax += median_over_rounds(rounds_j)
     return larslab, jax
@@ -136,6 +143,21 @@ def fmt(value, digits=2):
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
+
+
+def paired_ratio(mine, ref):
+    """larslab / JAX as the median of the rounds' own ratios (each round ran
+    both programs back to back), with the lowest and highest round: "1.04
+    (0.97-1.10)". The ratio of the medians where the rounds are unknown."""
+    if mine is None or ref is None:
+        return "-"
+    a, b = mine.get("round_rates"), ref.get("round_rates")
+    if not a or not b or len(a) != len(b):
+        return fmt(ratio(mine["steps_per_sec"], ref["steps_per_sec"]))
+    ratios = sorted(x / y for x, y in zip(a, b))
+    n = len(ratios)
+    mid = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return f"{mid:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})" if n > 1 else f"{mid:.2f}"
 
 
 def table(larslab, jax):
@@ -172,7 +194,7 @@ def table(larslab, jax):
         rate = lambda r: None if r is None else r["steps_per_sec"]  # noqa: E731
         lines.append(
             f"| {case} | {optimizer} | {fmt(rate(off))} | {fmt(rate(on))} | {fmt(rate(ref))} "
-            f"| {fmt(ratio(rate(off), rate(ref)))} | {fmt(ratio(rate(on), rate(ref)))} |"
+            f"| {paired_ratio(off, ref)} | {paired_ratio(on, ref)} |"
         )
     return "\n".join(lines) + "\n", warnings
 
@@ -204,7 +226,10 @@ def main(argv=None):
     text, warnings = table(larslab, jax)
     print(f"- larslab: {describe(larslab)}")
     print(f"- JAX: {describe(jax)}")
-    print("- ratios are larslab / JAX steps per second: 1.00 or more means larslab is at least as fast")
+    print(
+        "- ratios are larslab / JAX steps per second, the median of the rounds' ratios "
+        "(lowest-highest round): 1.00 or more means larslab is at least as fast"
+    )
     print()
     print(text, end="")
     for warning in warnings:
