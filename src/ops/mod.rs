@@ -24,7 +24,7 @@ use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail}
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
 pub use im2col::Im2Col;
-pub use norm::{SquareSum, l2_norm, sum_of_squares};
+pub use norm::{SquareSum, host_l2_norm, l2_norm, sum_of_squares};
 pub use pool::Pool2;
 pub use scale::{scale, scale_by};
 pub use scale_add::scale_add;

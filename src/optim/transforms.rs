@@ -8,7 +8,7 @@ use candle_core::{Device, Result, Shape, Tensor};
 use super::elementwise::{self, ElementOp};
 use super::{ParamView, StepReport, Transform};
 
-use crate::ops::{l2_norm, scale, scale_add, scale_by};
+use crate::ops::{host_l2_norm, l2_norm, scale, scale_add, scale_by};
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
@@ -142,10 +142,10 @@ impl ScaleByTrustRatio {
     ) -> Result<(f32, f32)> {
         let g = match (self.denominator, param.grad_norm) {
             (TrustDenominator::GradPlusDecay(_), Some(g)) => g,
-            (TrustDenominator::GradPlusDecay(_), None) => l2_norm(param.grad)?.to_scalar()?,
+            (TrustDenominator::GradPlusDecay(_), None) => host_l2_norm(param.grad)?,
             (TrustDenominator::Update, _) => update_norm()?,
         };
-        let w = l2_norm(param.value)?.to_scalar::<f32>()?;
+        let w = host_l2_norm(param.value)?;
         Ok(self.local_rate(w, g, param.lr))
     }
 }
@@ -163,7 +163,7 @@ impl Transform for ScaleByTrustRatio {
             return scale(&update, param.lr);
         }
         let (trust_ratio, rate) = if device.is_cpu() {
-            let (ratio, rate) = self.local_rate_on_host(param, || l2_norm(&update)?.to_scalar())?;
+            let (ratio, rate) = self.local_rate_on_host(param, || host_l2_norm(&update))?;
             (Tensor::new(ratio, device)?, Tensor::new(rate, device)?)
         } else {
             let grad_norm = match self.denominator {
