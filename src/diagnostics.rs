@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
 use crate::model::{Model, Param, Trace};
-use crate::ops::{l2_norm, mean_pairwise_cosine};
+use crate::ops::{F32View, l2_norm, mean_pairwise_cosine};
 use crate::optim::StepReport;
 use crate::sinks::Record;
 
@@ -120,29 +120,37 @@ pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<
         scalars.push(value);
     };
     for ((layer, h), z) in trace.layers.iter().zip(&trace.acts).zip(&trace.preacts) {
-        add(format!("act_mean/{layer}"), h.mean_all()?);
-        add(format!("act_std/{layer}"), std_all(h)?);
+        add(
+            format!("act_mean/{layer}"),
+            statistic(h, mean, |t| t.mean_all())?,
+        );
+        add(format!("act_std/{layer}"), statistic(h, std, std_all)?);
         match model.activation() {
             Activation::Relu | Activation::LeakyRelu => {
                 // Units (neurons, channels) are the last axis.
-                let per_unit = z.flatten_to(z.rank() - 2)?;
-                let alive = per_unit.max(0)?.gt(0f32)?.to_dtype(DType::F32)?;
-                add(format!("dead_frac/{layer}"), (1.0 - alive.mean_all()?)?);
+                let units = z.dims().last().copied().unwrap_or(1).max(1);
+                let dead = |v: &[f32]| dead_fraction(v, units);
+                add(
+                    format!("dead_frac/{layer}"),
+                    statistic(z, dead, dead_by_ops)?,
+                );
             }
-            Activation::Sigmoid => {
-                let near = (h.lt(0.01f32)?.to_dtype(DType::F32)?
-                    + h.gt(0.99f32)?.to_dtype(DType::F32)?)?;
-                add(format!("saturated_frac/{layer}"), near.mean_all()?);
-            }
-            Activation::Tanh => {
-                let near = h.abs()?.gt(0.99f32)?.to_dtype(DType::F32)?;
-                add(format!("saturated_frac/{layer}"), near.mean_all()?);
-            }
+            Activation::Sigmoid => add(
+                format!("saturated_frac/{layer}"),
+                statistic(h, sigmoid_saturated, sigmoid_saturated_by_ops)?,
+            ),
+            Activation::Tanh => add(
+                format!("saturated_frac/{layer}"),
+                statistic(h, tanh_saturated, tanh_saturated_by_ops)?,
+            ),
             _ => {}
         }
     }
     for (layer, grad) in trace.layers.iter().zip(&trace.preact_grads) {
-        add(format!("preact_grad_std/{layer}"), std_all(grad)?);
+        add(
+            format!("preact_grad_std/{layer}"),
+            statistic(grad, std, std_all)?,
+        );
     }
     for (layer, weight) in model.layer_weights() {
         if weight.dim(0)? >= 2 {
@@ -163,6 +171,72 @@ pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<
 fn std_all(t: &Tensor) -> Result<Tensor> {
     let mean = t.mean_all()?;
     t.broadcast_sub(&mean)?.sqr()?.mean_all()?.sqrt()
+}
+
+/// A statistic of `t` as a 0-d tensor: of an f32 tensor on the CPU, from its
+/// values in one pass (`on_host`, in f64); else by candle operations
+/// (`by_ops`). A measured step takes some 25 of them, and as candle
+/// operations they cost about a millisecond, more than the step itself on
+/// the smallest models.
+fn statistic(
+    t: &Tensor,
+    on_host: impl Fn(&[f32]) -> f64,
+    by_ops: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match F32View::of(t) {
+        Ok(values) => Tensor::new(on_host(&values) as f32, t.device()),
+        Err(_) => by_ops(t),
+    }
+}
+
+fn mean(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64
+}
+
+/// Population standard deviation.
+fn std(v: &[f32]) -> f64 {
+    let m = mean(v);
+    (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+/// The share of values for which `test` holds.
+fn share(v: &[f32], test: impl Fn(f32) -> bool) -> f64 {
+    v.iter().filter(|&&x| test(x)).count() as f64 / v.len() as f64
+}
+
+/// Share of outputs within 1% of the sigmoid's bounds.
+fn sigmoid_saturated(h: &[f32]) -> f64 {
+    share(h, |h| !(0.01..=0.99).contains(&h))
+}
+
+fn sigmoid_saturated_by_ops(h: &Tensor) -> Result<Tensor> {
+    (h.lt(0.01f32)?.to_dtype(DType::F32)? + h.gt(0.99f32)?.to_dtype(DType::F32)?)?.mean_all()
+}
+
+/// Share of outputs within 1% of tanh's bounds.
+fn tanh_saturated(h: &[f32]) -> f64 {
+    share(h, |h| h.abs() > 0.99)
+}
+
+fn tanh_saturated_by_ops(h: &Tensor) -> Result<Tensor> {
+    h.abs()?.gt(0.99f32)?.to_dtype(DType::F32)?.mean_all()
+}
+
+fn dead_by_ops(z: &Tensor) -> Result<Tensor> {
+    let per_unit = z.flatten_to(z.rank() - 2)?;
+    let alive = per_unit.max(0)?.gt(0f32)?.to_dtype(DType::F32)?;
+    1.0 - alive.mean_all()?
+}
+
+/// The share of units (the last axis of row-major `z`) that no row makes positive.
+fn dead_fraction(z: &[f32], units: usize) -> f64 {
+    let mut alive = vec![false; units];
+    for row in z.chunks_exact(units) {
+        for (alive, &v) in alive.iter_mut().zip(row) {
+            *alive |= v > 0.0;
+        }
+    }
+    alive.iter().filter(|&&alive| !alive).count() as f64 / units as f64
 }
 
 /// Largest singular value and condition number (largest / smallest) of every
@@ -191,4 +265,56 @@ pub fn spectra(params: &[Param], record: &mut Record) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Each statistic read on the host equals its candle operations, on
+    /// values that saturate both activations and leave one channel dead.
+    #[test]
+    fn host_statistics_equal_their_candle_operations() {
+        let (n, height, width, channels) = (2, 3, 4, 5);
+        let values: Vec<f32> = (0..n * height * width * channels)
+            .map(|i| {
+                let v = ((i * 37 % 101) as f32 - 50.0) / 8.0;
+                if i % channels == 2 { -v.abs() } else { v }
+            })
+            .collect();
+        let z = Tensor::from_vec(values, (n, height, width, channels), &Device::Cpu).unwrap();
+        let sigmoid = candle_nn::ops::sigmoid(&z).unwrap();
+        let tanh = z.tanh().unwrap();
+        let host = |t: &Tensor, f: &dyn Fn(&[f32]) -> f64| f(&F32View::of(t).unwrap()) as f32;
+        let ops = |t: Tensor| t.to_scalar::<f32>().unwrap();
+        let dead = |v: &[f32]| dead_fraction(v, channels);
+        let cases: [(&str, f32, f32); 6] = [
+            ("mean", host(&z, &mean), ops(z.mean_all().unwrap())),
+            ("std", host(&z, &std), ops(std_all(&z).unwrap())),
+            ("dead", host(&z, &dead), ops(dead_by_ops(&z).unwrap())),
+            (
+                "sigmoid",
+                host(&sigmoid, &sigmoid_saturated),
+                ops(sigmoid_saturated_by_ops(&sigmoid).unwrap()),
+            ),
+            (
+                "tanh",
+                host(&tanh, &tanh_saturated),
+                ops(tanh_saturated_by_ops(&tanh).unwrap()),
+            ),
+            (
+                "dead is one channel",
+                host(&z, &dead),
+                1.0 / channels as f32,
+            ),
+        ];
+        for (what, host, ops) in cases {
+            assert!(
+                (host - ops).abs() <= 1e-6 * (1.0 + ops.abs()),
+                "{what}: {host} vs {ops}"
+            );
+        }
+        assert!(host(&tanh, &tanh_saturated) > 0.0 && host(&sigmoid, &sigmoid_saturated) > 0.0);
+    }
 }
