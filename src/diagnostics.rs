@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
 use crate::model::{Model, Param, Trace};
-use crate::ops::{F32View, l2_norm, mean_pairwise_cosine};
+use crate::ops::{F32View, l2_norm, mean_pairwise_cosine, wide};
 use crate::optim::StepReport;
 use crate::sinks::Record;
 
@@ -190,13 +190,32 @@ fn statistic(
 }
 
 fn mean(v: &[f32]) -> f64 {
-    v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64
+    sum_by(v, |x| x) / v.len() as f64
 }
 
 /// Population standard deviation.
 fn std(v: &[f32]) -> f64 {
     let m = mean(v);
-    (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    (sum_by(v, |x| (x - m) * (x - m)) / v.len() as f64).sqrt()
+}
+
+/// Σ f(v) in f64, in eight lanes: vector additions rather than one chain of
+/// dependent ones, which would wait on every addition's latency.
+fn sum_by(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    wide(
+        #[inline(always)]
+        || {
+            let mut lanes = [0f64; 8];
+            let chunks = v.chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|&x| f(x as f64)).sum();
+            for chunk in chunks {
+                for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                    *lane += f(x as f64);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
+        },
+    )
 }
 
 /// The share of values for which `test` holds.

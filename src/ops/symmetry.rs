@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 
-use super::contiguous_f32;
+use super::{contiguous_f32, sum_of_squares};
 
 /// Mean cosine similarity over all pairs of distinct rows of `w` `[n, d]`,
 /// n ≥ 2, as a 0-d f32 tensor: with unit rows u_i and s = Σ u_i,
@@ -38,21 +38,19 @@ impl CustomOp1 for Symmetry {
         let w = contiguous_f32(storage, layout)?;
         let mut sum = vec![0f64; d];
         let mut self_terms = 0f64;
-        for row in w.chunks_exact(d.max(1)) {
-            let norm = row
-                .iter()
-                .map(|&v| (v as f64) * (v as f64))
-                .sum::<f64>()
-                .sqrt();
-            let scale = 1.0 / norm.max(f64::MIN_POSITIVE);
-            let mut squares = 0f64;
-            for (s, &v) in sum.iter_mut().zip(row) {
-                let u = v as f64 * scale;
-                *s += u;
-                squares += u * u;
-            }
-            self_terms += squares;
-        }
+        super::wide(
+            #[inline(always)]
+            || {
+                for row in w.chunks_exact(d.max(1)) {
+                    let squares = sum_of_squares(row);
+                    let scale = 1.0 / squares.sqrt().max(f64::MIN_POSITIVE);
+                    for (s, &v) in sum.iter_mut().zip(row) {
+                        *s += v as f64 * scale;
+                    }
+                    self_terms += squares * scale * scale;
+                }
+            },
+        );
         let total = sum.iter().map(|s| s * s).sum::<f64>() - self_terms;
         let mean = total / (n as f64 * (n as f64 - 1.0));
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
