@@ -55,7 +55,7 @@ pub struct SweepArgs {
     /// Seeds every grid point runs with: 0,1,2
     #[arg(long, value_delimiter = ',')]
     pub seeds: Option<Vec<u64>>,
-    /// Runs at a time (default: the [sweep] table's, else one per two cores).
+    /// Runs at a time (default: the `[sweep]` table's, else one per two cores).
     #[arg(long)]
     pub jobs: Option<usize>,
     /// The directory that holds the sweep directory.

@@ -52,8 +52,8 @@ const TILE: usize = 1024;
 
 /// Updates `param` in place by the update that `ops` make of `grad`:
 /// w ← w − u with u = ops(grad), in one pass; with `measure`, returns ‖w‖
-/// and ‖u‖. Large parameters are split between rayon's threads in
-/// [`SHARE`]s.
+/// and ‖u‖. Large parameters are split between rayon's threads in shares
+/// of 32K values.
 pub fn apply(
     param: &Var,
     grad: &Tensor,
