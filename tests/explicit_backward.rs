@@ -2,8 +2,9 @@
 //! CPU passes) against candle's autograd: every parameter's gradient, every
 //! pre-activation's, and what the trace keeps of the forward pass, for every
 //! activation, with and without dropout, to 1e-5. Layers wider than 32 units
-//! make the fused passes split their work between threads; a 1024-unit layer
-//! at batch 512 makes them finish each product block by block.
+//! make the fused passes split their work between threads; layers of 1024
+//! and 512 units at batch 512 make them finish each product block by block
+//! and pack the operands every part reads ahead, once.
 
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
@@ -52,7 +53,7 @@ fn hand_gradients_equal_autograd() {
             (16, 0.0, vec![10, 9, 8]),
             (16, 0.3, vec![10, 9, 8]),
             (16, 0.3, vec![40, 33, 17]),
-            (512, 0.3, vec![1024, 64]),
+            (512, 0.3, vec![1024, 512]),
         ] {
             let config = ModelConfig {
                 hidden,

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
-use crate::ops::sgemm::{Operand, sgemm, sgemm_then};
+use crate::ops::sgemm::{Operand, Panels, Side, Source, sgemm, sgemm_then};
 use crate::ops::{F32View, sum_of_squares, wide};
 use crate::rng::Rng;
 
@@ -149,6 +149,8 @@ impl Run<'_> {
             let mut preact = Vec::new();
             let mut act = hidden.then(Vec::new);
             let mut masked = mask.as_ref().map(|_| Vec::new());
+            let x_ahead = packed_ahead(Side::A, (n, fan_in), x_i);
+            pack_in_parts([x_ahead.as_ref()]);
             {
                 let z = Shared::room(&mut preact, len);
                 let h = act.as_mut().map(|a| Shared::room(a, len));
@@ -191,7 +193,7 @@ impl Run<'_> {
                                     (n, cols.len(), fan_in),
                                     z.at(cols.start),
                                     out,
-                                    Operand::rows(x_i.as_ptr(), fan_in),
+                                    source(&x_ahead, x_i, fan_in),
                                     Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
                                     &finish,
                                 );
@@ -239,6 +241,9 @@ impl Run<'_> {
                 let mut bias_grad = vec![0f32; out];
                 let mut row_squares = vec![0f64; out];
                 let mut upstream = (i > 0).then(Vec::new);
+                let x_ahead = packed_ahead(Side::B, (n, fan_in), x_i);
+                let delta_ahead = packed_ahead(Side::A, (n, out), &delta).filter(|_| i > 0);
+                pack_in_parts([x_ahead.as_ref(), delta_ahead.as_ref()]);
                 {
                     let dw = Shared::room(&mut weight_grad, out * fan_in);
                     let db = Shared::new(&mut bias_grad);
@@ -260,7 +265,7 @@ impl Run<'_> {
                                         dw.at(units.start * fan_in),
                                         fan_in,
                                         Operand::columns(delta.as_ptr().add(units.start), out),
-                                        Operand::rows(x_i.as_ptr(), fan_in),
+                                        source(&x_ahead, x_i, fan_in),
                                     );
                                     let db = db.slice(units.clone());
                                     for r in 0..n {
@@ -311,7 +316,7 @@ impl Run<'_> {
                                         (n, inputs.len(), out),
                                         du.at(inputs.start),
                                         fan_in,
-                                        Operand::rows(delta.as_ptr(), out),
+                                        source(&delta_ahead, delta, out),
                                         Operand::rows(w.as_ptr().add(inputs.start), fan_in),
                                         &finish,
                                     );
@@ -357,6 +362,47 @@ impl Run<'_> {
     }
 }
 
+/// Values of an operand that every part reads from which the parts pack it
+/// together, once, before the product ([`Panels`]), instead of each part
+/// packing all of it: the batch-1024 layers. Below, the extra parallel
+/// region costs about what the packing saves.
+const PACK_AHEAD: usize = 1 << 18;
+
+/// The row-major `rows`×`cols` matrix `x` on `side` of products that every
+/// part reads in full, made ready to be packed ahead where that pays.
+fn packed_ahead(side: Side, (rows, cols): (usize, usize), x: &[f32]) -> Option<Panels> {
+    (rows * cols >= PACK_AHEAD)
+        .then(|| Panels::new(side, (rows, cols), Operand::rows(x.as_ptr(), cols)))
+}
+
+/// Packs `operands` between the parts, each its share of every one's panels.
+fn pack_in_parts<const N: usize>(operands: [Option<&Panels>; N]) {
+    let operands: Vec<&Panels> = operands
+        .into_iter()
+        .flatten()
+        .filter(|p| p.count() > 0)
+        .collect();
+    if operands.is_empty() {
+        return;
+    }
+    each_part(|k, parts| {
+        for panels in &operands {
+            let (count, share) = (panels.count(), panels.count().div_ceil(parts));
+            // SAFETY: the parts' ranges are disjoint, and no product reads the panels yet.
+            unsafe { panels.pack((k * share).min(count)..((k + 1) * share).min(count)) };
+        }
+    });
+}
+
+/// What a product reads of the row-major `x` with `cols` columns: its panels
+/// where `ahead` packed them, else `x` itself.
+fn source<'a>(ahead: &'a Option<Panels>, x: &[f32], cols: usize) -> Source<'a> {
+    match ahead {
+        Some(panels) => panels.into(),
+        None => Operand::rows(x.as_ptr(), cols).into(),
+    }
+}
+
 /// Values of `c` from which [`product_then`] finishes it block by block.
 const FINISH_IN_BLOCKS: usize = 1 << 16;
 
@@ -368,18 +414,18 @@ const FINISH_IN_BLOCKS: usize = 1 << 16;
 ///
 /// # Safety
 /// As [`sgemm`].
-unsafe fn product_then<F: Fn(Range<usize>, Range<usize>)>(
+unsafe fn product_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: Operand,
-    b: Operand,
+    a: impl Into<Source<'a>>,
+    b: impl Into<Source<'a>>,
     finish: &F,
 ) {
     if m * n >= FINISH_IN_BLOCKS {
         unsafe { sgemm_then((m, n, k), c, c_stride, a, b, finish) }
     } else {
-        unsafe { sgemm((m, n, k), c, c_stride, a, b) };
+        unsafe { sgemm((m, n, k), c, c_stride, a.into(), b.into()) };
         finish(0..m, 0..n);
     }
 }
@@ -498,15 +544,21 @@ fn in_parts(len: usize, part: impl Fn(Range<usize>) + Sync) {
 
 /// [`in_parts`] over two lengths at once, the k-th share of each to the same part.
 fn in_parts_pair((a, b): (usize, usize), part: impl Fn(Range<usize>, Range<usize>) + Sync) {
+    each_part(|k, parts| {
+        let share = |len: usize| {
+            let size = len.div_ceil(parts).next_multiple_of(16);
+            (k * size).min(len)..((k + 1) * size).min(len)
+        };
+        part(share(a), share(b))
+    });
+}
+
+/// Runs `part(k, parts)` for each `k` in `0..parts`, one per thread of rayon's pool.
+fn each_part(part: impl Fn(usize, usize) + Sync) {
     let parts = rayon::current_num_threads().max(1);
-    let share = |len: usize, k: usize| {
-        let size = len.div_ceil(parts).next_multiple_of(16);
-        (k * size).min(len)..((k + 1) * size).min(len)
-    };
-    let run = |k: usize| part(share(a, k), share(b, k));
     if parts == 1 {
-        run(0)
+        part(0, 1)
     } else {
-        (0..parts).into_par_iter().for_each(run);
+        (0..parts).into_par_iter().for_each(|k| part(k, parts));
     }
 }

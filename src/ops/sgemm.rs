@@ -6,7 +6,9 @@
 //! copied into panels that the micro-kernel reads contiguously (an 8×32
 //! tile of `c` in 16 registers), at most 256 deep. An operand stored the
 //! other way round (the forward pass's `x·Wᵀ`, a row-major `a`) is packed
-//! through 16×16 register transposes. On the 2-core reference machine it ran the MLP
+//! through 16×16 register transposes. An operand that every thread of a
+//! split product reads can be packed ahead, once, by all of them together
+//! ([`Panels`]). On the 2-core reference machine it ran the MLP
 //! benchmark's products 1.1–1.5× faster than the `gemm` crate under candle
 //! (interleaved medians, README Speed); without AVX-512 the `gemm` crate
 //! does the work.
@@ -62,18 +64,120 @@ impl Operand {
     }
 }
 
+/// An operand as [`sgemm`] reads it: in place, packed by the calling thread
+/// as it goes, or packed ahead into [`Panels`] that several threads share.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Strided(Operand),
+    Packed(&'a Panels),
+}
+
+impl From<Operand> for Source<'_> {
+    fn from(x: Operand) -> Self {
+        Source::Strided(x)
+    }
+}
+
+impl<'a> From<&'a Panels> for Source<'a> {
+    fn from(panels: &'a Panels) -> Self {
+        Source::Packed(panels)
+    }
+}
+
+/// Which side of the product an operand is on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Side {
+    /// `a`, m×k.
+    A,
+    /// `b`, k×n.
+    B,
+}
+
+/// An operand packed ahead, once, into the panels the AVX-512 product reads.
+///
+/// The threads of a split product each compute some columns (or rows) of
+/// `c`, so each reads all of the other operand: packed as it goes, that
+/// operand would be packed once per thread. Packed ahead, the threads pack
+/// disjoint panels of it ([`Panels::pack`]) and then all read the result.
+/// Without AVX-512 nothing is packed and the product reads the operand in
+/// place.
+pub struct Panels {
+    x: Operand,
+    side: Side,
+    /// Rows of `a`, or columns of `b`.
+    len: usize,
+    depth: usize,
+    /// Every pass's panels one after the other: room only, written by
+    /// [`Panels::pack`]. Empty where the product does not pack.
+    values: Vec<f32>,
+}
+
+// SAFETY: the operand is only read, and `pack`'s callers write disjoint panels.
+unsafe impl Send for Panels {}
+unsafe impl Sync for Panels {}
+
+impl Panels {
+    /// Room for the panels of `x`, `rows`×`cols` on `side`.
+    pub fn new(side: Side, (rows, cols): (usize, usize), x: Operand) -> Self {
+        let (len, depth) = match side {
+            Side::A => (rows, cols),
+            Side::B => (cols, rows),
+        };
+        #[cfg(target_arch = "x86_64")]
+        let values = if std::arch::is_x86_feature_detected!("avx512f") {
+            Vec::with_capacity(avx512::panels(side, len) * avx512::width(side) * depth)
+        } else {
+            Vec::new()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let values = Vec::new();
+        Self {
+            x,
+            side,
+            len,
+            depth,
+            values,
+        }
+    }
+
+    /// How many panels there are to pack: zero where the product reads `x` in place.
+    pub fn count(&self) -> usize {
+        if self.values.capacity() == 0 {
+            return 0;
+        }
+        #[cfg(target_arch = "x86_64")]
+        return avx512::panels(self.side, self.len);
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    }
+
+    /// Packs panels `range` (of [`Panels::count`]), every pass of them.
+    ///
+    /// # Safety
+    /// `x` must hold its matrix, and no two calls may pack the same panel
+    /// at the same time or while a product reads them.
+    pub unsafe fn pack(&self, range: Range<usize>) {
+        assert!(range.end <= self.count());
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::pack_panels(self, range)
+        }
+    }
+}
+
 /// `c = a · b` for `(m, n, k)`: `a` is m×k, `b` k×n, and `c` row-major m×n
 /// with `c_stride` values per row. Runs on the calling thread.
 ///
 /// # Safety
-/// The operands must hold their matrices at the given strides, and `c` must
-/// be valid for writes of its m×n values, which nothing else touches.
-pub unsafe fn sgemm(
+/// The operands must hold their matrices at the given strides (packed ones
+/// all of their panels), and `c` must be valid for writes of its m×n
+/// values, which nothing else touches.
+pub unsafe fn sgemm<'a>(
     dims: (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: Operand,
-    b: Operand,
+    a: impl Into<Source<'a>>,
+    b: impl Into<Source<'a>>,
 ) {
     unsafe { sgemm_then(dims, c, c_stride, a, b, &|_, _| {}) }
 }
@@ -85,14 +189,20 @@ pub unsafe fn sgemm(
 ///
 /// # Safety
 /// As [`sgemm`].
-pub unsafe fn sgemm_then<F: Fn(Range<usize>, Range<usize>)>(
+pub unsafe fn sgemm_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: Operand,
-    b: Operand,
+    a: impl Into<Source<'a>>,
+    b: impl Into<Source<'a>>,
     finish: &F,
 ) {
+    let (a, b) = (a.into(), b.into());
+    for (source, side, len) in [(a, Side::A, m), (b, Side::B, n)] {
+        if let Source::Packed(p) = source {
+            assert!(p.side == side && p.len == len && p.depth == k);
+        }
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -100,7 +210,10 @@ pub unsafe fn sgemm_then<F: Fn(Range<usize>, Range<usize>)>(
     if std::arch::is_x86_feature_detected!("avx512f") {
         return unsafe { avx512::sgemm((m, n, k), c, c_stride, a, b, finish) };
     }
-    unsafe { portable((m, n, k), c, c_stride, a, b) };
+    let strided = |x: Source| match x {
+        Source::Strided(x) | Source::Packed(&Panels { x, .. }) => x,
+    };
+    unsafe { portable((m, n, k), c, c_stride, strided(a), strided(b)) };
     finish(0..m, 0..n);
 }
 
@@ -147,17 +260,69 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Operand, PACKED, Range};
+    use super::{Operand, PACKED, Panels, Range, Side, Source};
     use std::arch::x86_64::*;
 
     /// Rows of `c` per micro-tile.
     const MR: usize = 8;
-    /// Columns of `c` per micro-tile: two 16-lane registers.
-    const NR: usize = 32;
+    /// Columns of `c` per micro-tile, in 16-lane registers: 8×2 accumulators.
+    /// (6×64 and 8×48 tiles, with fewer broadcasts per FMA, ran no faster.)
+    const LANES: usize = 2;
+    const NR: usize = 16 * LANES;
     /// Depth of one pass over `c`: a micro-panel of `b` (KC×NR) stays in L1.
     const KC: usize = 256;
     /// Columns of `b` packed at once (KC×NC in L2).
     const NC: usize = 1024;
+
+    /// The width of a panel on `side`.
+    pub fn width(side: Side) -> usize {
+        match side {
+            Side::A => MR,
+            Side::B => NR,
+        }
+    }
+
+    /// Panels of [`width`] that hold `len` rows of `a` or columns of `b`.
+    pub fn panels(side: Side, len: usize) -> usize {
+        len.div_ceil(width(side))
+    }
+
+    /// The passes over `c`, `(first, depth)`: equal ones at most KC deep,
+    /// 784 = 4 × 196 rather than 3 × 256 + 16, whose last pass would load and
+    /// store `c` for little work.
+    fn passes(k: usize) -> impl Iterator<Item = (usize, usize)> {
+        let depth = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+        (0..k).step_by(depth).map(move |pc| (pc, depth.min(k - pc)))
+    }
+
+    /// Where pass `pc` of `panels` begins: the passes before it hold `pc`
+    /// values per row (or column) of every panel.
+    fn pass_of(panels: &Panels, pc: usize) -> *const f32 {
+        let padded = self::panels(panels.side, panels.len) * width(panels.side);
+        panels.values.as_ptr().wrapping_add(pc * padded)
+    }
+
+    /// # Safety
+    /// As [`Panels::pack`], on a CPU with AVX-512F.
+    pub unsafe fn pack_panels(panels: &Panels, range: Range<usize>) {
+        let w = width(panels.side);
+        let (first, len) = (range.start * w, (range.end * w).min(panels.len));
+        for (pc, kc) in passes(panels.depth) {
+            // SAFETY: the caller packs these panels and no one else.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    pass_of(panels, pc).add(range.start * w * kc) as *mut f32,
+                    range.len() * w * kc,
+                )
+            };
+            unsafe {
+                match panels.side {
+                    Side::A => pack::<MR>(out, panels.x, first, len - first, pc, kc),
+                    Side::B => pack::<NR>(out, panels.x.transposed(), first, len - first, pc, kc),
+                }
+            }
+        }
+    }
 
     /// # Safety
     /// As [`super::sgemm`], on a CPU with AVX-512F.
@@ -166,8 +331,8 @@ mod avx512 {
         (m, n, k): (usize, usize, usize),
         c: *mut f32,
         c_stride: usize,
-        a: Operand,
-        b: Operand,
+        a: Source,
+        b: Source,
         finish: &F,
     ) {
         PACKED.with_borrow_mut(|(pa, pb)| {
@@ -181,23 +346,31 @@ mod avx512 {
                 finish(0..m, 0..n);
                 return;
             }
-            // Equal passes at most KC deep: 784 = 4 × 196 rather than 3 × 256 + 16,
-            // whose last pass would load and store `c` for little work.
-            let depth = k.div_ceil(k.div_ceil(KC));
-            for pc in (0..k).step_by(depth) {
-                let kc = depth.min(k - pc);
-                unsafe { pack_a(pa, a, m, pc, kc) };
+            for (pc, kc) in passes(k) {
+                let panels_a = match a {
+                    Source::Packed(p) if p.count() > 0 => pass_of(p, pc),
+                    Source::Strided(a) | Source::Packed(&Panels { x: a, .. }) => {
+                        unsafe { pack_a(pa, a, m, pc, kc) };
+                        pa.as_ptr()
+                    }
+                };
                 for jc in (0..n).step_by(NC) {
                     let nc = NC.min(n - jc);
-                    unsafe { pack_b(pb, b, nc, jc, pc, kc) };
+                    let panels_b = match b {
+                        Source::Packed(p) if p.count() > 0 => pass_of(p, pc).wrapping_add(jc * kc),
+                        Source::Strided(b) | Source::Packed(&Panels { x: b, .. }) => {
+                            unsafe { pack_b(pb, b, nc, jc, pc, kc) };
+                            pb.as_ptr()
+                        }
+                    };
                     for ip in 0..m_panels {
                         let i0 = ip * MR;
                         let rows = MR.min(m - i0);
-                        let panel_a = unsafe { pa.as_ptr().add(ip * MR * kc) };
+                        let panel_a = unsafe { panels_a.add(ip * MR * kc) };
                         for jp in 0..nc.div_ceil(NR) {
                             let j0 = jp * NR;
                             let cols = NR.min(nc - j0);
-                            let panel_b = unsafe { pb.as_ptr().add(jp * NR * kc) };
+                            let panel_b = unsafe { panels_b.add(jp * NR * kc) };
                             let tile = unsafe { c.add(i0 * c_stride + jc + j0) };
                             unsafe {
                                 micro(kc, panel_a, panel_b, tile, c_stride, rows, cols, pc > 0)
@@ -360,15 +533,22 @@ mod avx512 {
         accumulate: bool,
     ) {
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            // The tile's rows lie a row of `c` apart, out of cache since the
+            // last pass: ask for them now, read them after the loop.
+            for i in 0..rows {
+                for l in 0..LANES {
+                    _mm_prefetch::<_MM_HINT_T0>(c.add(i * c_stride + 16 * l) as *const i8);
+                }
+            }
+            let mut acc = [[_mm512_setzero_ps(); LANES]; MR];
             let (mut pa, mut pb) = (panel_a, panel_b);
             for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(pb);
-                let b1 = _mm512_loadu_ps(pb.add(16));
+                let b: [__m512; LANES] = std::array::from_fn(|l| _mm512_loadu_ps(pb.add(16 * l)));
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let ai = _mm512_set1_ps(*pa.add(i));
-                    acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+                    for l in 0..LANES {
+                        acc[l] = _mm512_fmadd_ps(ai, b[l], acc[l]);
+                    }
                 }
                 pa = pa.add(MR);
                 pb = pb.add(NR);
@@ -376,20 +556,23 @@ mod avx512 {
             if rows == MR && cols == NR {
                 for (i, acc) in acc.iter().enumerate() {
                     let row = c.add(i * c_stride);
-                    let (mut v0, mut v1) = (acc[0], acc[1]);
-                    if accumulate {
-                        v0 = _mm512_add_ps(v0, _mm512_loadu_ps(row));
-                        v1 = _mm512_add_ps(v1, _mm512_loadu_ps(row.add(16)));
+                    for (l, &v) in acc.iter().enumerate() {
+                        let at = row.add(16 * l);
+                        let v = if accumulate {
+                            _mm512_add_ps(v, _mm512_loadu_ps(at))
+                        } else {
+                            v
+                        };
+                        _mm512_storeu_ps(at, v);
                     }
-                    _mm512_storeu_ps(row, v0);
-                    _mm512_storeu_ps(row.add(16), v1);
                 }
                 return;
             }
             let mut tile = [0f32; MR * NR];
             for (i, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), acc[0]);
-                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), acc[1]);
+                for (l, &v) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16 * l), v);
+                }
             }
             for i in 0..rows {
                 let row = c.add(i * c_stride);
@@ -465,6 +648,47 @@ mod tests {
                             "{name} wrote past its columns"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Operands packed ahead, by several calls over parts of their panels,
+    /// give the bits of operands packed as the product goes, in every layout,
+    /// on sizes with partial panels and several passes.
+    #[test]
+    fn panels_packed_ahead_give_the_same_product() {
+        for (m, n, k) in [(13, 37, 300), (40, 64, 600), (9, 1100, 20), (64, 70, 784)] {
+            for (ta, tb) in [(false, false), (true, true)] {
+                let a = matrix(m, k, ta, 3);
+                let b = matrix(k, n, tb, 4);
+                let (oa, ob) = (operand(&a, m, k), operand(&b, k, n));
+                let (pa, pb) = (
+                    Panels::new(Side::A, (m, k), oa),
+                    Panels::new(Side::B, (k, n), ob),
+                );
+                for p in [&pa, &pb] {
+                    let half = p.count() / 2;
+                    unsafe {
+                        p.pack(half..p.count());
+                        p.pack(0..half);
+                    }
+                }
+                let mut want = vec![0f32; m * n];
+                unsafe { sgemm((m, n, k), want.as_mut_ptr(), n, oa, ob) };
+                for (sa, sb) in [
+                    (Source::from(&pa), Source::from(ob)),
+                    (Source::from(oa), Source::from(&pb)),
+                    (Source::from(&pa), Source::from(&pb)),
+                ] {
+                    let mut got = vec![f32::NAN; m * n];
+                    unsafe { sgemm((m, n, k), got.as_mut_ptr(), n, sa, sb) };
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{m}x{n}x{k} ({ta}, {tb})"
+                    );
                 }
             }
         }
