@@ -135,88 +135,27 @@ impl Run<'_> {
             .collect::<Result<Vec<_>>>()?;
         let dropout = model.dropout_rate();
 
+        let dense = |i: usize| {
+            let (out, fan_in) = shapes[i];
+            Dense {
+                weight: &weights[i],
+                bias: &biases[i],
+                out,
+                fan_in,
+            }
+        };
         let mut forward: Vec<Forward> = Vec::with_capacity(layers.len());
-        for (i, &(out, fan_in)) in shapes.iter().enumerate() {
-            let hidden = i + 1 < layers.len();
+        for i in 0..layers.len() {
             let x_i: &[f32] = if i == 0 {
                 &input
             } else {
                 forward[i - 1].output()
             };
+            let hidden = i + 1 < layers.len();
+            let units = n * shapes[i].0;
             let mask =
-                (hidden && dropout > 0.0).then(|| dropout_values(n * out, dropout, dropout_rng));
-            let len = n * out;
-            let mut preact = Vec::new();
-            let mut act = hidden.then(Vec::new);
-            let mut masked = mask.as_ref().map(|_| Vec::new());
-            let x_ahead = packed_ahead(Side::A, (n, fan_in), x_i);
-            pack_in_parts([x_ahead.as_ref()]);
-            {
-                let z = Shared::room(&mut preact, len);
-                let h = act.as_mut().map(|a| Shared::room(a, len));
-                let hm = masked.as_mut().map(|m| Shared::room(m, len));
-                let (w, b, mask) = (&weights[i], &biases[i], mask.as_deref());
-                in_parts(out, |cols| {
-                    wide(
-                        #[inline(always)]
-                        || {
-                            // z[:, cols] = x_i · W[cols, :]ᵀ, then per block
-                            // (rows, block) of it: z += b, h = φ(z), h ⊙ mask.
-                            let finish = |rows: Range<usize>, block: Range<usize>| {
-                                let units = cols.start + block.start..cols.start + block.end;
-                                for r in rows {
-                                    let span = r * out + units.start..r * out + units.end;
-                                    // SAFETY: each part touches only its own columns.
-                                    let z = unsafe { z.slice(span.clone()) };
-                                    for (z, b) in z.iter_mut().zip(&b[units.clone()]) {
-                                        *z += b;
-                                    }
-                                    let Some(h) = &h else { continue };
-                                    let h = unsafe { h.slice(span.clone()) };
-                                    for (h, z) in h.iter_mut().zip(z.iter()) {
-                                        *h = phi.value(*z);
-                                    }
-                                    if let (Some(hm), Some(mask)) = (&hm, mask) {
-                                        let hm = unsafe { hm.slice(span.clone()) };
-                                        for ((hm, h), m) in
-                                            hm.iter_mut().zip(h.iter()).zip(&mask[span])
-                                        {
-                                            *hm = h * m;
-                                        }
-                                    }
-                                }
-                            };
-                            // SAFETY: the parts' column ranges are disjoint; every
-                            // buffer holds n·out values and W out·fan_in.
-                            unsafe {
-                                product_then(
-                                    (n, cols.len(), fan_in),
-                                    z.at(cols.start),
-                                    out,
-                                    source(&x_ahead, x_i, fan_in),
-                                    Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
-                                    &finish,
-                                );
-                            }
-                        },
-                    )
-                });
-            }
-            // SAFETY: the parts wrote every value: z by the product, h and
-            // h ⊙ mask from it, each over all rows of its columns.
-            unsafe {
-                for v in [Some(&mut preact), act.as_mut(), masked.as_mut()]
-                    .into_iter()
-                    .flatten()
-                {
-                    v.set_len(len);
-                }
-            }
-            forward.push(Forward {
-                preact,
-                act,
-                dropout: mask.zip(masked),
-            });
+                (hidden && dropout > 0.0).then(|| dropout_values(units, dropout, dropout_rng));
+            forward.push(dense(i).forward(phi, x_i, n, hidden, mask));
         }
 
         let classes = shapes.last().expect("a model has an output layer").0;
@@ -231,113 +170,22 @@ impl Run<'_> {
         if loss.is_finite() {
             let mut reversed = Vec::with_capacity(2 * layers.len());
             let mut reversed_norms = Vec::with_capacity(2 * layers.len());
-            for (i, &(out, fan_in)) in shapes.iter().enumerate().rev() {
+            for i in (0..layers.len()).rev() {
                 let x_i: &[f32] = if i == 0 {
                     &input
                 } else {
                     forward[i - 1].output()
                 };
-                let mut weight_grad = Vec::new();
-                let mut bias_grad = vec![0f32; out];
-                let mut row_squares = vec![0f64; out];
-                let mut upstream = (i > 0).then(Vec::new);
-                let x_ahead = packed_ahead(Side::B, (n, fan_in), x_i);
-                let delta_ahead = packed_ahead(Side::A, (n, out), &delta).filter(|_| i > 0);
-                pack_in_parts([x_ahead.as_ref(), delta_ahead.as_ref()]);
-                {
-                    let dw = Shared::room(&mut weight_grad, out * fan_in);
-                    let db = Shared::new(&mut bias_grad);
-                    let squares = Shared::new(&mut row_squares);
-                    let du = upstream.as_mut().map(|u| Shared::room(u, n * fan_in));
-                    let below = i.checked_sub(1).map(|j| &forward[j]);
-                    let (w, delta) = (&weights[i], &delta);
-                    in_parts_pair((out, fan_in), |units, inputs| {
-                        wide(
-                            #[inline(always)]
-                            || {
-                                // SAFETY (all three blocks): parts own disjoint rows of
-                                // ∂W and entries of ∂b (`units`), and disjoint columns
-                                // of δ_{i−1} (`inputs`).
-                                unsafe {
-                                    // ∂W[units, :] = δ[:, units]ᵀ · x_i
-                                    sgemm(
-                                        (units.len(), fan_in, n),
-                                        dw.at(units.start * fan_in),
-                                        fan_in,
-                                        Operand::columns(delta.as_ptr().add(units.start), out),
-                                        source(&x_ahead, x_i, fan_in),
-                                    );
-                                    let db = db.slice(units.clone());
-                                    for r in 0..n {
-                                        let row =
-                                            &delta[r * out + units.start..r * out + units.end];
-                                        for (db, d) in db.iter_mut().zip(row) {
-                                            *db += d;
-                                        }
-                                    }
-                                    // ‖∂W‖² by rows while they are in cache; summed
-                                    // in row order below, whatever the split.
-                                    let rows = dw.slice(units.start * fan_in..units.end * fan_in);
-                                    for (sq, row) in squares
-                                        .slice(units.clone())
-                                        .iter_mut()
-                                        .zip(rows.chunks_exact(fan_in))
-                                    {
-                                        *sq = sum_of_squares(row);
-                                    }
-                                }
-                                let (Some(du), Some(below)) = (&du, below) else {
-                                    return;
-                                };
-                                // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z),
-                                // the factors applied block by block.
-                                let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
-                                let finish = |rows: Range<usize>, block: Range<usize>| {
-                                    let columns =
-                                        inputs.start + block.start..inputs.start + block.end;
-                                    for r in rows {
-                                        let span =
-                                            r * fan_in + columns.start..r * fan_in + columns.end;
-                                        let du = unsafe { du.slice(span.clone()) };
-                                        let (z, h) =
-                                            (&below.preact[span.clone()], &h[span.clone()]);
-                                        for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
-                                            *du *= phi.slope(*z, *h);
-                                        }
-                                        if let Some((mask, _)) = &below.dropout {
-                                            for (du, m) in du.iter_mut().zip(&mask[span]) {
-                                                *du *= m;
-                                            }
-                                        }
-                                    }
-                                };
-                                unsafe {
-                                    product_then(
-                                        (n, inputs.len(), out),
-                                        du.at(inputs.start),
-                                        fan_in,
-                                        source(&delta_ahead, delta, out),
-                                        Operand::rows(w.as_ptr().add(inputs.start), fan_in),
-                                        &finish,
-                                    );
-                                }
-                            },
-                        )
-                    });
-                }
-                // SAFETY: the products wrote every row of ∂W and every column of δ_{i−1}.
-                unsafe {
-                    weight_grad.set_len(out * fan_in);
-                    if let Some(u) = upstream.as_mut() {
-                        u.set_len(n * fan_in);
-                    }
-                }
-                reversed_norms.push(sum_of_squares(&bias_grad).sqrt() as f32);
-                reversed_norms.push(row_squares.iter().sum::<f64>().sqrt() as f32);
-                reversed.push(Tensor::from_vec(bias_grad, out, &Device::Cpu)?);
-                reversed.push(Tensor::from_vec(weight_grad, (out, fan_in), &Device::Cpu)?);
-                let delta_i = std::mem::replace(&mut delta, upstream.unwrap_or_default());
-                preact_grads.push(Tensor::from_vec(delta_i, (n, out), &Device::Cpu)?);
+                let below = i.checked_sub(1).map(|j| &forward[j]);
+                let layer = dense(i);
+                let g = layer.backward(phi, x_i, &delta, n, below);
+                reversed_norms.push(g.bias_norm);
+                reversed_norms.push(g.weight_norm);
+                reversed.push(Tensor::from_vec(g.bias, layer.out, &Device::Cpu)?);
+                let weight_shape = (layer.out, layer.fan_in);
+                reversed.push(Tensor::from_vec(g.weight, weight_shape, &Device::Cpu)?);
+                let delta_i = std::mem::replace(&mut delta, g.upstream.unwrap_or_default());
+                preact_grads.push(Tensor::from_vec(delta_i, (n, layer.out), &Device::Cpu)?);
             }
             reversed.reverse();
             reversed_norms.reverse();
@@ -362,17 +210,278 @@ impl Run<'_> {
     }
 }
 
+/// One dense layer's parameters, `weight` `[out, fan_in]` row-major.
+#[derive(Clone, Copy)]
+struct Dense<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    out: usize,
+    fan_in: usize,
+}
+
+/// One layer's gradients, from [`Dense::backward`].
+struct Gradient {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    weight_norm: f32,
+    bias_norm: f32,
+    /// δ of the layer below, where there is one.
+    upstream: Option<Vec<f32>>,
+}
+
+impl Dense<'_> {
+    /// z = x·Wᵀ + b and, for a hidden layer, h = φ(z) and h ⊙ mask, over a
+    /// batch of `n` rows, in one parallel region.
+    fn forward<A: Pointwise>(
+        self,
+        phi: A,
+        x: &[f32],
+        n: usize,
+        hidden: bool,
+        mask: Option<Vec<f32>>,
+    ) -> Forward {
+        let Dense {
+            weight: w,
+            bias: b,
+            out,
+            fan_in,
+        } = self;
+        let len = n * out;
+        let mut preact = Vec::new();
+        let mut act = hidden.then(Vec::new);
+        let mut masked = mask.as_ref().map(|_| Vec::new());
+        let x_ahead = packed_ahead(shares_columns(out), Side::A, (n, fan_in), x);
+        pack_in_parts([x_ahead.as_ref()]);
+        {
+            let z = Shared::room(&mut preact, len);
+            let h = act.as_mut().map(|a| Shared::room(a, len));
+            let hm = masked.as_mut().map(|m| Shared::room(m, len));
+            let mask = mask.as_deref();
+            in_blocks((n, out), |rows, cols| {
+                wide(
+                    #[inline(always)]
+                    || {
+                        // z[rows, cols] = x[rows] · W[cols]ᵀ, then per block of
+                        // it: z += b, h = φ(z), h ⊙ mask.
+                        let finish = |block_rows: Range<usize>, block: Range<usize>| {
+                            let units = cols.start + block.start..cols.start + block.end;
+                            for r in rows.start + block_rows.start..rows.start + block_rows.end {
+                                let span = r * out + units.start..r * out + units.end;
+                                // SAFETY: each part touches only its own block.
+                                let z = unsafe { z.slice(span.clone()) };
+                                for (z, b) in z.iter_mut().zip(&b[units.clone()]) {
+                                    *z += b;
+                                }
+                                let Some(h) = &h else { continue };
+                                let h = unsafe { h.slice(span.clone()) };
+                                for (h, z) in h.iter_mut().zip(z.iter()) {
+                                    *h = phi.value(*z);
+                                }
+                                if let (Some(hm), Some(mask)) = (&hm, mask) {
+                                    let hm = unsafe { hm.slice(span.clone()) };
+                                    for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(&mask[span])
+                                    {
+                                        *hm = h * m;
+                                    }
+                                }
+                            }
+                        };
+                        // SAFETY: the parts' blocks are disjoint; every buffer
+                        // holds n·out values and W out·fan_in.
+                        unsafe {
+                            product_then(
+                                (rows.len(), cols.len(), fan_in),
+                                z.at(rows.start * out + cols.start),
+                                out,
+                                source(&x_ahead, &x[rows.start * fan_in..], fan_in),
+                                Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
+                                &finish,
+                            );
+                        }
+                    },
+                )
+            });
+        }
+        // SAFETY: the parts wrote every value: z by the product, h and
+        // h ⊙ mask from it, each over its block.
+        unsafe {
+            for v in [Some(&mut preact), act.as_mut(), masked.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                v.set_len(len);
+            }
+        }
+        Forward {
+            preact,
+            act,
+            dropout: mask.zip(masked),
+        }
+    }
+
+    /// ∂W and ∂b from the layer's input `x` and its δ, with their norms, and
+    /// the δ of the layer `below`, in one parallel region.
+    fn backward<A: Pointwise>(
+        self,
+        phi: A,
+        x: &[f32],
+        delta: &[f32],
+        n: usize,
+        below: Option<&Forward>,
+    ) -> Gradient {
+        let Dense {
+            weight: w,
+            out,
+            fan_in,
+            ..
+        } = self;
+        let mut weight = Vec::new();
+        let mut bias = vec![0f32; out];
+        let mut row_squares = vec![0f64; out];
+        let mut upstream = below.map(|_| Vec::new());
+        // The parts split ∂W by rows (units) where there are enough of them, by
+        // columns where there are not (the output layer).
+        let by_units = shares_columns(out);
+        let x_ahead = packed_ahead(by_units, Side::B, (n, fan_in), x);
+        let delta_ahead = packed_ahead(below.is_some(), Side::A, (n, out), delta);
+        pack_in_parts([x_ahead.as_ref(), delta_ahead.as_ref()]);
+        {
+            let dw = Shared::room(&mut weight, out * fan_in);
+            let db = Shared::new(&mut bias);
+            let squares = Shared::new(&mut row_squares);
+            let du = upstream.as_mut().map(|u| Shared::room(u, n * fan_in));
+            // ∂b and ‖∂W‖² by rows (summed in row order below, whatever the
+            // split), for rows of ∂W that are final.
+            let reduce = |units: Range<usize>| {
+                // SAFETY: the caller owns these units, and their rows of ∂W are written.
+                let db = unsafe { db.slice(units.clone()) };
+                for row in delta.chunks_exact(out) {
+                    for (db, d) in db.iter_mut().zip(&row[units.clone()]) {
+                        *db += d;
+                    }
+                }
+                let rows = unsafe { dw.slice(units.start * fan_in..units.end * fan_in) };
+                let squares = unsafe { squares.slice(units) };
+                for (sq, row) in squares.iter_mut().zip(rows.chunks_exact(fan_in)) {
+                    *sq = sum_of_squares(row);
+                }
+            };
+            in_parts_pair((out, fan_in), |units, inputs| {
+                wide(
+                    #[inline(always)]
+                    || {
+                        let (units, cols) = if by_units {
+                            (units, 0..fan_in)
+                        } else {
+                            (0..out, inputs.clone())
+                        };
+                        // ∂W[units, cols] = δ[:, units]ᵀ · x[:, cols]
+                        // SAFETY (both products): parts own disjoint blocks of ∂W
+                        // and disjoint columns of δ_{i−1} (`inputs`).
+                        unsafe {
+                            sgemm(
+                                (units.len(), cols.len(), n),
+                                dw.at(units.start * fan_in + cols.start),
+                                fan_in,
+                                Operand::columns(delta.as_ptr().add(units.start), out),
+                                source(&x_ahead, &x[cols.start..], fan_in),
+                            );
+                        }
+                        if by_units {
+                            reduce(units);
+                        }
+                        let (Some(du), Some(below)) = (&du, below) else {
+                            return;
+                        };
+                        // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z),
+                        // the factors applied block by block.
+                        let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
+                        let finish = |rows: Range<usize>, block: Range<usize>| {
+                            let columns = inputs.start + block.start..inputs.start + block.end;
+                            for r in rows {
+                                let span = r * fan_in + columns.start..r * fan_in + columns.end;
+                                let du = unsafe { du.slice(span.clone()) };
+                                let (z, h) = (&below.preact[span.clone()], &h[span.clone()]);
+                                for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
+                                    *du *= phi.slope(*z, *h);
+                                }
+                                if let Some((mask, _)) = &below.dropout {
+                                    for (du, m) in du.iter_mut().zip(&mask[span]) {
+                                        *du *= m;
+                                    }
+                                }
+                            }
+                        };
+                        unsafe {
+                            product_then(
+                                (n, inputs.len(), out),
+                                du.at(inputs.start),
+                                fan_in,
+                                source(&delta_ahead, delta, out),
+                                Operand::rows(w.as_ptr().add(inputs.start), fan_in),
+                                &finish,
+                            );
+                        }
+                    },
+                )
+            });
+            if !by_units {
+                wide(|| reduce(0..out));
+            }
+        }
+        // SAFETY: the products wrote every value of ∂W and of δ_{i−1}.
+        unsafe {
+            weight.set_len(out * fan_in);
+            if let Some(u) = upstream.as_mut() {
+                u.set_len(n * fan_in);
+            }
+        }
+        Gradient {
+            bias_norm: sum_of_squares(&bias).sqrt() as f32,
+            weight_norm: row_squares.iter().sum::<f64>().sqrt() as f32,
+            weight,
+            bias,
+            upstream,
+        }
+    }
+}
+
+/// Runs `part(rows, cols)` on a block of an n×`out` result per thread of
+/// rayon's pool: all rows and a share of the columns, or, where there are too
+/// few columns to share ([`shares_columns`]), a share of the rows and all
+/// columns.
+fn in_blocks((n, out): (usize, usize), part: impl Fn(Range<usize>, Range<usize>) + Sync) {
+    if shares_columns(out) {
+        in_parts(out, |cols| part(0..n, cols))
+    } else {
+        in_parts(n, |rows| part(rows, 0..out))
+    }
+}
+
+/// Whether `out` columns make a share of at least 16 (one SIMD register, half
+/// a micro-tile) for every part. The output layer's ten do not: one part
+/// would take them all while the others wait.
+fn shares_columns(out: usize) -> bool {
+    out >= 16 * rayon::current_num_threads()
+}
+
 /// Values of an operand that every part reads from which the parts pack it
 /// together, once, before the product ([`Panels`]), instead of each part
 /// packing all of it: the batch-1024 layers. Below, the extra parallel
 /// region costs about what the packing saves.
 const PACK_AHEAD: usize = 1 << 18;
 
-/// The row-major `rows`×`cols` matrix `x` on `side` of products that every
-/// part reads in full, made ready to be packed ahead where that pays.
-fn packed_ahead(side: Side, (rows, cols): (usize, usize), x: &[f32]) -> Option<Panels> {
-    (rows * cols >= PACK_AHEAD)
-        .then(|| Panels::new(side, (rows, cols), Operand::rows(x.as_ptr(), cols)))
+/// The row-major `rows`×`cols` matrix `x` on `side` of products, made ready
+/// to be packed ahead where every part reads all of it (`shared`) and that
+/// pays.
+fn packed_ahead(
+    shared: bool,
+    side: Side,
+    (rows, cols): (usize, usize),
+    x: &[f32],
+) -> Option<Panels> {
+    let pays = rows * cols >= PACK_AHEAD && rayon::current_num_threads() > 1;
+    (shared && pays).then(|| Panels::new(side, (rows, cols), Operand::rows(x.as_ptr(), cols)))
 }
 
 /// Packs `operands` between the parts, each its share of every one's panels.
