@@ -49,6 +49,9 @@ impl Activation {
 /// compiles to straight, vectorisable code for that activation. The values
 /// are candle's own formulas, so both paths agree.
 pub trait Pointwise: Copy + Send + Sync {
+    /// Whether [`Pointwise::slope`] reads z. Where it reads h alone, a pass
+    /// need not keep z for the backward pass.
+    const SLOPE_READS_Z: bool = false;
     /// φ(z).
     fn value(self, z: f32) -> f32;
     /// φ'(z), given z and h = φ(z).
@@ -74,8 +77,9 @@ impl Pointwise for Relu {
     fn value(self, z: f32) -> f32 {
         z.max(0.0)
     }
-    fn slope(self, z: f32, _: f32) -> f32 {
-        if z > 0.0 { 1.0 } else { 0.0 }
+    /// h > 0 exactly where z > 0 (a NaN z gives h = 0).
+    fn slope(self, _: f32, h: f32) -> f32 {
+        if h > 0.0 { 1.0 } else { 0.0 }
     }
 }
 
@@ -83,8 +87,9 @@ impl Pointwise for LeakyRelu {
     fn value(self, z: f32) -> f32 {
         z.max(0.0) + z.min(0.0) * LEAKY_SLOPE as f32
     }
-    fn slope(self, z: f32, _: f32) -> f32 {
-        if z > 0.0 { 1.0 } else { LEAKY_SLOPE as f32 }
+    /// h > 0 exactly where z > 0: h = 0.01·z ≤ 0 elsewhere (a NaN z gives h = 0).
+    fn slope(self, _: f32, h: f32) -> f32 {
+        if h > 0.0 { 1.0 } else { LEAKY_SLOPE as f32 }
     }
 }
 
@@ -107,6 +112,7 @@ impl Pointwise for Sigmoid {
 }
 
 impl Pointwise for Gelu {
+    const SLOPE_READS_Z: bool = true;
     fn value(self, z: f32) -> f32 {
         (erf_f32(z * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * z
     }
@@ -118,6 +124,7 @@ impl Pointwise for Gelu {
 }
 
 impl Pointwise for Selu {
+    const SLOPE_READS_Z: bool = true;
     fn value(self, z: f32) -> f32 {
         let elu = if z.is_sign_positive() {
             z
@@ -212,6 +219,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// ReLU's and leaky ReLU's slopes, read from h alone, are the slopes of
+    /// z (PyTorch's, 0 at z = 0) at the edges too: ±0, subnormals whose
+    /// leaky value underflows, infinities and NaN. Every activation that
+    /// claims not to read z gives the same slope without it.
+    #[test]
+    fn slopes_that_read_h_alone_need_no_z() {
+        let zs = [
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            -1e-39,
+            0.5,
+            -0.5,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let relu_of_z = |z: f32| if z > 0.0 { 1.0 } else { 0.0 };
+        let leaky_of_z = |z: f32| if z > 0.0 { 1.0 } else { LEAKY_SLOPE as f32 };
+        for z in zs {
+            assert_eq!(
+                Relu.slope(f32::NAN, Relu.value(z)),
+                relu_of_z(z),
+                "ReLU'({z})"
+            );
+            let leaky = LeakyRelu.slope(f32::NAN, LeakyRelu.value(z));
+            assert_eq!(leaky, leaky_of_z(z), "leaky ReLU'({z})");
+        }
+        fn without_z<A: Pointwise>(phi: A, zs: &[f32]) {
+            for &z in zs.iter().filter(|_| !A::SLOPE_READS_Z) {
+                let h = phi.value(z);
+                let (with, without) = (phi.slope(z, h), phi.slope(f32::NAN, h));
+                assert!(
+                    with.to_bits() == without.to_bits(),
+                    "φ'({z}): {with} vs {without}"
+                );
+            }
+        }
+        without_z(Relu, &zs);
+        without_z(LeakyRelu, &zs);
+        without_z(Tanh, &zs);
+        without_z(Sigmoid, &zs);
+        without_z(Identity, &zs);
     }
 
     /// erf by its Maclaurin series, 2/√π Σ (−1)^n x^(2n+1) / (n! (2n+1)),

@@ -91,8 +91,9 @@ struct Run<'a> {
 
 /// One hidden or output layer's forward values, kept for the backward pass.
 struct Forward {
-    /// z, `[n, out]`.
-    preact: Vec<f32>,
+    /// z, `[n, out]`: kept for the output layer (the logits), for the
+    /// trace, and where φ' reads z; otherwise only h is written.
+    preact: Option<Vec<f32>>,
     /// h = φ(z), hidden layers only.
     act: Option<Vec<f32>>,
     /// The dropout mask on h, and h ⊙ mask (the next layer's input).
@@ -105,7 +106,7 @@ impl Forward {
         match (&self.dropout, &self.act) {
             (Some((_, masked)), _) => masked,
             (None, Some(act)) => act,
-            (None, None) => &self.preact,
+            (None, None) => self.preact.as_deref().expect("the output layer keeps z"),
         }
     }
 }
@@ -155,11 +156,14 @@ impl Run<'_> {
             let units = n * shapes[i].0;
             let mask =
                 (hidden && dropout > 0.0).then(|| dropout_values(units, dropout, dropout_rng));
-            forward.push(dense(i).forward(phi, x_i, n, hidden, mask));
+            forward.push(dense(i).forward(phi, x_i, n, hidden, mask, trace));
         }
 
         let classes = shapes.last().expect("a model has an output layer").0;
-        let logits = &forward.last().expect("a model has an output layer").preact;
+        let logits = forward
+            .last()
+            .expect("a model has an output layer")
+            .output();
         let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         let (loss, mut delta) = cross_entropy(logits, &labels, classes)?;
         let logits = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
@@ -231,7 +235,8 @@ struct Gradient {
 
 impl Dense<'_> {
     /// z = x·Wᵀ + b and, for a hidden layer, h = φ(z) and h ⊙ mask, over a
-    /// batch of `n` rows, in one parallel region.
+    /// batch of `n` rows, in one parallel region. A hidden layer keeps z only
+    /// for the `trace` or where φ' reads it.
     fn forward<A: Pointwise>(
         self,
         phi: A,
@@ -239,6 +244,7 @@ impl Dense<'_> {
         n: usize,
         hidden: bool,
         mask: Option<Vec<f32>>,
+        trace: bool,
     ) -> Forward {
         let Dense {
             weight: w,
@@ -247,14 +253,16 @@ impl Dense<'_> {
             fan_in,
         } = self;
         let len = n * out;
-        let mut preact = Vec::new();
+        let mut preact = (!hidden || trace || A::SLOPE_READS_Z).then(Vec::new);
         let mut act = hidden.then(Vec::new);
         let mut masked = mask.as_ref().map(|_| Vec::new());
         let x_ahead = packed_ahead(shares_columns(out), Side::A, (n, fan_in), x);
         pack_in_parts([x_ahead.as_ref()]);
         {
-            let z = Shared::room(&mut preact, len);
+            let z = preact.as_mut().map(|z| Shared::room(z, len));
             let h = act.as_mut().map(|a| Shared::room(a, len));
+            // The product writes z where it is kept, else straight into h.
+            let product = z.as_ref().or(h.as_ref()).expect("a layer keeps z or h");
             let hm = masked.as_mut().map(|m| Shared::room(m, len));
             let mask = mask.as_deref();
             in_blocks((n, out), |rows, cols| {
@@ -265,18 +273,32 @@ impl Dense<'_> {
                         // it: z += b, h = φ(z), h ⊙ mask.
                         let finish = |block_rows: Range<usize>, block: Range<usize>| {
                             let units = cols.start + block.start..cols.start + block.end;
+                            let b = &b[units.clone()];
                             for r in rows.start + block_rows.start..rows.start + block_rows.end {
                                 let span = r * out + units.start..r * out + units.end;
                                 // SAFETY: each part touches only its own block.
-                                let z = unsafe { z.slice(span.clone()) };
-                                for (z, b) in z.iter_mut().zip(&b[units.clone()]) {
-                                    *z += b;
-                                }
-                                let Some(h) = &h else { continue };
-                                let h = unsafe { h.slice(span.clone()) };
-                                for (h, z) in h.iter_mut().zip(z.iter()) {
-                                    *h = phi.value(*z);
-                                }
+                                let h = match (&z, &h) {
+                                    (Some(z), h) => {
+                                        let z = unsafe { z.slice(span.clone()) };
+                                        for (z, b) in z.iter_mut().zip(b) {
+                                            *z += b;
+                                        }
+                                        let Some(h) = h else { continue };
+                                        let h = unsafe { h.slice(span.clone()) };
+                                        for (h, z) in h.iter_mut().zip(z.iter()) {
+                                            *h = phi.value(*z);
+                                        }
+                                        h
+                                    }
+                                    (None, Some(h)) => {
+                                        let h = unsafe { h.slice(span.clone()) };
+                                        for (h, b) in h.iter_mut().zip(b) {
+                                            *h = phi.value(*h + b);
+                                        }
+                                        h
+                                    }
+                                    (None, None) => continue,
+                                };
                                 if let (Some(hm), Some(mask)) = (&hm, mask) {
                                     let hm = unsafe { hm.slice(span.clone()) };
                                     for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(&mask[span])
@@ -291,7 +313,7 @@ impl Dense<'_> {
                         unsafe {
                             product_then(
                                 (rows.len(), cols.len(), fan_in),
-                                z.at(rows.start * out + cols.start),
+                                product.at(rows.start * out + cols.start),
                                 out,
                                 source(&x_ahead, &x[rows.start * fan_in..], fan_in),
                                 Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
@@ -305,7 +327,7 @@ impl Dense<'_> {
         // SAFETY: the parts wrote every value: z by the product, h and
         // h ⊙ mask from it, each over its block.
         unsafe {
-            for v in [Some(&mut preact), act.as_mut(), masked.as_mut()]
+            for v in [preact.as_mut(), act.as_mut(), masked.as_mut()]
                 .into_iter()
                 .flatten()
             {
@@ -401,7 +423,11 @@ impl Dense<'_> {
                             for r in rows {
                                 let span = r * fan_in + columns.start..r * fan_in + columns.end;
                                 let du = unsafe { du.slice(span.clone()) };
-                                let (z, h) = (&below.preact[span.clone()], &h[span.clone()]);
+                                let h = &h[span.clone()];
+                                let z = match &below.preact {
+                                    Some(z) if A::SLOPE_READS_Z => &z[span.clone()],
+                                    _ => h,
+                                };
                                 for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
                                     *du *= phi.slope(*z, *h);
                                 }
@@ -553,11 +579,12 @@ fn into_trace(
     };
     let mut input = x;
     for (layer, f) in model.dense().iter().zip(forward) {
-        let units = f.preact.len() / n;
+        let preact = f.preact.expect("a traced pass keeps z");
+        let units = preact.len() / n;
         let tensor = |v: Vec<f32>| Tensor::from_vec(v, (n, units), &Device::Cpu);
         trace.layers.push(layer.name.clone());
         trace.inputs.push(input.clone());
-        trace.preacts.push(tensor(f.preact)?);
+        trace.preacts.push(tensor(preact)?);
         let Some(act) = f.act else { break };
         let act = tensor(act)?;
         trace.acts.push(act.clone());

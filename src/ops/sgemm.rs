@@ -408,6 +408,7 @@ mod avx512 {
     /// Rows `r0..r0+len` and columns `pc..pc+kc` of `x` as panels of W rows,
     /// each panel stored column after column (W values each); rows past
     /// `len` are zero. `a`'s panels are `a`'s rows, `b`'s are `bᵀ`'s.
+    #[target_feature(enable = "avx512f")]
     unsafe fn pack<const W: usize>(
         packed: &mut [f32],
         x: Operand,
@@ -416,30 +417,50 @@ mod avx512 {
         pc: usize,
         kc: usize,
     ) {
-        for (k, panel) in packed
-            .chunks_exact_mut(W * kc)
-            .take(len.div_ceil(W))
-            .enumerate()
-        {
-            let first = r0 + k * W;
-            let rows = W.min(len - k * W);
-            if x.row_stride == 1 && rows == W {
-                for p in 0..kc {
-                    let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(first) };
-                    unsafe { std::ptr::copy_nonoverlapping(src, panel.as_mut_ptr().add(p * W), W) };
+        let full = len / W;
+        let (whole, rest) = packed[..len.div_ceil(W) * W * kc].split_at_mut(full * W * kc);
+        if x.row_stride == 1 {
+            // Column by column of `x`, each read front to back across all the
+            // panels: panel by panel, every read would be a few values from
+            // a different row of memory, a page apart, with nothing to prefetch.
+            for p in 0..kc {
+                let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(r0) };
+                for (k, panel) in whole.chunks_exact_mut(W * kc).enumerate() {
+                    let to = &mut panel[p * W..(p + 1) * W];
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(k * W), to.as_mut_ptr(), W) };
                 }
-            } else if x.col_stride == 1 && rows == W {
-                unsafe { transpose_into::<W>(panel, x, first, pc, kc) };
-            } else {
-                for i in 0..W {
-                    for p in 0..kc {
-                        panel[p * W + i] = if i < rows {
-                            unsafe { x.at(first + i, pc + p) }
-                        } else {
-                            0.0
-                        };
-                    }
-                }
+            }
+        } else if x.col_stride == 1 {
+            for (k, panel) in whole.chunks_exact_mut(W * kc).enumerate() {
+                unsafe { transpose_into::<W>(panel, x, r0 + k * W, pc, kc) };
+            }
+        } else {
+            for (k, panel) in whole.chunks_exact_mut(W * kc).enumerate() {
+                unsafe { pack_by_values::<W>(panel, x, r0 + k * W, W, pc, kc) };
+            }
+        }
+        if !rest.is_empty() {
+            unsafe { pack_by_values::<W>(rest, x, r0 + full * W, len % W, pc, kc) };
+        }
+    }
+
+    /// One panel of `rows` ≤ W rows of `x` from `first`, value by value,
+    /// zero past `rows`.
+    unsafe fn pack_by_values<const W: usize>(
+        panel: &mut [f32],
+        x: Operand,
+        first: usize,
+        rows: usize,
+        pc: usize,
+        kc: usize,
+    ) {
+        for i in 0..W {
+            for p in 0..kc {
+                panel[p * W + i] = if i < rows {
+                    unsafe { x.at(first + i, pc + p) }
+                } else {
+                    0.0
+                };
             }
         }
     }
