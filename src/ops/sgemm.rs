@@ -420,14 +420,22 @@ mod avx512 {
         let full = len / W;
         let (whole, rest) = packed[..len.div_ceil(W) * W * kc].split_at_mut(full * W * kc);
         if x.row_stride == 1 {
-            // Column by column of `x`, each read front to back across all the
-            // panels: panel by panel, every read would be a few values from
-            // a different row of memory, a page apart, with nothing to prefetch.
-            for p in 0..kc {
-                let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(r0) };
+            // A few columns of `x` (rows of memory) at a time, across all the
+            // panels, so that each panel receives whole cache lines (256
+            // bytes) at once while the columns' values stay in L1. Panel by
+            // panel, each read would take a few values from a different page;
+            // column by column, each write would fill half a line that other
+            // panels' writes, 8 KiB apart in the same cache set, evict.
+            let block = (64 / W).max(1);
+            for p0 in (0..kc).step_by(block) {
                 for (k, panel) in whole.chunks_exact_mut(W * kc).enumerate() {
-                    let to = &mut panel[p * W..(p + 1) * W];
-                    unsafe { std::ptr::copy_nonoverlapping(src.add(k * W), to.as_mut_ptr(), W) };
+                    for p in p0..(p0 + block).min(kc) {
+                        let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(r0) };
+                        let to = &mut panel[p * W..(p + 1) * W];
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(src.add(k * W), to.as_mut_ptr(), W)
+                        };
+                    }
                 }
             }
         } else if x.col_stride == 1 {
