@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
-use crate::ops::sgemm::{Operand, Panels, Side, Source, sgemm, sgemm_then};
+use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, Panels, Side, Source, sgemm, sgemm_then};
 use crate::ops::{F32View, sum_of_squares, wide};
 use crate::rng::Rng;
 
@@ -166,6 +166,7 @@ impl Run<'_> {
             .output();
         let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         let (loss, mut delta) = cross_entropy(logits, &labels, classes)?;
+        let mut delta_sums = None;
         let logits = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
 
         let mut grads = None;
@@ -182,7 +183,8 @@ impl Run<'_> {
                 };
                 let below = i.checked_sub(1).map(|j| &forward[j]);
                 let layer = dense(i);
-                let g = layer.backward(phi, x_i, &delta, n, below);
+                let g = layer.backward(phi, x_i, (&delta, delta_sums.take()), n, below);
+                delta_sums = g.upstream_sums;
                 reversed_norms.push(g.bias_norm);
                 reversed_norms.push(g.weight_norm);
                 reversed.push(Tensor::from_vec(g.bias, layer.out, &Device::Cpu)?);
@@ -231,6 +233,9 @@ struct Gradient {
     bias_norm: f32,
     /// δ of the layer below, where there is one.
     upstream: Option<Vec<f32>>,
+    /// Its column sums, the layer below's ∂b, taken while each block of it
+    /// was in cache.
+    upstream_sums: Option<Vec<f32>>,
 }
 
 impl Dense<'_> {
@@ -342,12 +347,13 @@ impl Dense<'_> {
     }
 
     /// ∂W and ∂b from the layer's input `x` and its δ, with their norms, and
-    /// the δ of the layer `below`, in one parallel region.
+    /// the δ of the layer `below`, in one parallel region. ∂b is δ's column
+    /// sums: `delta_sums` where the layer above took them.
     fn backward<A: Pointwise>(
         self,
         phi: A,
         x: &[f32],
-        delta: &[f32],
+        (delta, delta_sums): (&[f32], Option<Vec<f32>>),
         n: usize,
         below: Option<&Forward>,
     ) -> Gradient {
@@ -358,9 +364,11 @@ impl Dense<'_> {
             ..
         } = self;
         let mut weight = Vec::new();
-        let mut bias = vec![0f32; out];
+        let summed = delta_sums.is_some();
+        let mut bias = delta_sums.unwrap_or_else(|| vec![0f32; out]);
         let mut row_squares = vec![0f64; out];
         let mut upstream = below.map(|_| Vec::new());
+        let mut upstream_sums = below.map(|_| vec![0f32; fan_in]);
         // The parts split ∂W by rows (units) where there are enough of them, by
         // columns where there are not (the output layer).
         let by_units = shares_columns(out);
@@ -372,20 +380,29 @@ impl Dense<'_> {
             let db = Shared::new(&mut bias);
             let squares = Shared::new(&mut row_squares);
             let du = upstream.as_mut().map(|u| Shared::room(u, n * fan_in));
-            // ∂b and ‖∂W‖² by rows (summed in row order below, whatever the
-            // split), for rows of ∂W that are final.
-            let reduce = |units: Range<usize>| {
-                // SAFETY: the caller owns these units, and their rows of ∂W are written.
+            let du_sums = upstream_sums.as_mut().map(|s| Shared::new(s));
+            // ∂b where the layer above did not sum it: δ's column sums, row
+            // after row, as the dX epilogue below sums them.
+            let bias_of = |units: Range<usize>| {
+                // SAFETY: the caller owns these units.
                 let db = unsafe { db.slice(units.clone()) };
                 for row in delta.chunks_exact(out) {
                     for (db, d) in db.iter_mut().zip(&row[units.clone()]) {
                         *db += d;
                     }
                 }
-                let rows = unsafe { dw.slice(units.start * fan_in..units.end * fan_in) };
-                let squares = unsafe { squares.slice(units) };
-                for (sq, row) in squares.iter_mut().zip(rows.chunks_exact(fan_in)) {
-                    *sq = sum_of_squares(row);
+            };
+            // ‖∂W‖² by rows, each summed over 32-value pieces in order
+            // (however the product hands out its blocks), and the rows in
+            // row order below: the same bits whatever the split.
+            let add_squares = |rows: Range<usize>, cols: Range<usize>| {
+                for u in rows {
+                    // SAFETY: the caller owns these rows of ∂W, whose `cols` are final.
+                    let row = unsafe { dw.slice(u * fan_in + cols.start..u * fan_in + cols.end) };
+                    let sq = unsafe { &mut squares.slice(u..u + 1)[0] };
+                    for piece in row.chunks(SQUARED_PIECE) {
+                        *sq += sum_of_squares(piece);
+                    }
                 }
             };
             in_parts_pair((out, fan_in), |units, inputs| {
@@ -397,20 +414,28 @@ impl Dense<'_> {
                         } else {
                             (0..out, inputs.clone())
                         };
-                        // ∂W[units, cols] = δ[:, units]ᵀ · x[:, cols]
+                        // ∂W[units, cols] = δ[:, units]ᵀ · x[:, cols], and where
+                        // the part holds whole rows, their squares block by block.
+                        let squares_of = |rows: Range<usize>, block: Range<usize>| {
+                            if by_units {
+                                let rows = units.start + rows.start..units.start + rows.end;
+                                add_squares(rows, block);
+                            }
+                        };
                         // SAFETY (both products): parts own disjoint blocks of ∂W
                         // and disjoint columns of δ_{i−1} (`inputs`).
                         unsafe {
-                            sgemm(
+                            product_then(
                                 (units.len(), cols.len(), n),
                                 dw.at(units.start * fan_in + cols.start),
                                 fan_in,
                                 Operand::columns(delta.as_ptr().add(units.start), out),
                                 source(&x_ahead, &x[cols.start..], fan_in),
+                                &squares_of,
                             );
                         }
-                        if by_units {
-                            reduce(units);
+                        if by_units && !summed {
+                            bias_of(units);
                         }
                         let (Some(du), Some(below)) = (&du, below) else {
                             return;
@@ -436,6 +461,12 @@ impl Dense<'_> {
                                         *du *= m;
                                     }
                                 }
+                                if let Some(sums) = &du_sums {
+                                    let sums = unsafe { sums.slice(columns.clone()) };
+                                    for (sum, du) in sums.iter_mut().zip(du.iter()) {
+                                        *sum += du;
+                                    }
+                                }
                             }
                         };
                         unsafe {
@@ -452,7 +483,12 @@ impl Dense<'_> {
                 )
             });
             if !by_units {
-                wide(|| reduce(0..out));
+                wide(|| {
+                    add_squares(0..out, 0..fan_in);
+                    if !summed {
+                        bias_of(0..out);
+                    }
+                });
             }
         }
         // SAFETY: the products wrote every value of ∂W and of δ_{i−1}.
@@ -468,6 +504,7 @@ impl Dense<'_> {
             weight,
             bias,
             upstream,
+            upstream_sums,
         }
     }
 }
@@ -537,6 +574,11 @@ fn source<'a>(ahead: &'a Option<Panels>, x: &[f32], cols: usize) -> Source<'a> {
         None => Operand::rows(x.as_ptr(), cols).into(),
     }
 }
+
+/// The pieces of a row of ∂W whose squares are summed first: the product's
+/// blocks, so that a row's sum has the same bits whether it was finished
+/// block by block or at once.
+const SQUARED_PIECE: usize = BLOCK_COLUMNS;
 
 /// Values of `c` from which [`product_then`] finishes it block by block.
 const FINISH_IN_BLOCKS: usize = 1 << 16;

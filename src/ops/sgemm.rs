@@ -16,6 +16,11 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+/// Columns of the blocks that [`sgemm_then`] finishes (but for the last,
+/// narrower one) where AVX-512 runs the product: the micro-tile's width.
+/// Without AVX-512 it finishes all of `c` at once.
+pub const BLOCK_COLUMNS: usize = 32;
+
 /// A matrix read by [`sgemm`]: its first value, and the distance between
 /// consecutive rows and consecutive columns.
 #[derive(Clone, Copy)]
@@ -267,8 +272,8 @@ mod avx512 {
     const MR: usize = 8;
     /// Columns of `c` per micro-tile, in 16-lane registers: 8×2 accumulators.
     /// (6×64 and 8×48 tiles, with fewer broadcasts per FMA, ran no faster.)
-    const LANES: usize = 2;
-    const NR: usize = 16 * LANES;
+    const NR: usize = super::BLOCK_COLUMNS;
+    const LANES: usize = NR / 16;
     /// Depth of one pass over `c`: a micro-panel of `b` (KC×NR) stays in L1.
     const KC: usize = 256;
     /// Columns of `b` packed at once (KC×NC in L2).
