@@ -276,43 +276,37 @@ impl Dense<'_> {
                     || {
                         // z[rows, cols] = x[rows] · W[cols]ᵀ, then per block of
                         // it: z += b, h = φ(z), h ⊙ mask.
-                        let finish = |block_rows: Range<usize>, block: Range<usize>| {
-                            let units = cols.start + block.start..cols.start + block.end;
-                            let b = &b[units.clone()];
-                            for r in rows.start + block_rows.start..rows.start + block_rows.end {
-                                let span = r * out + units.start..r * out + units.end;
-                                // SAFETY: each part touches only its own block.
-                                let h = match (&z, &h) {
-                                    (Some(z), h) => {
-                                        let z = unsafe { z.slice(span.clone()) };
-                                        for (z, b) in z.iter_mut().zip(b) {
-                                            *z += b;
-                                        }
-                                        let Some(h) = h else { continue };
-                                        let h = unsafe { h.slice(span.clone()) };
-                                        for (h, z) in h.iter_mut().zip(z.iter()) {
-                                            *h = phi.value(*z);
-                                        }
-                                        h
-                                    }
-                                    (None, Some(h)) => {
-                                        let h = unsafe { h.slice(span.clone()) };
-                                        for (h, b) in h.iter_mut().zip(b) {
-                                            *h = phi.value(*h + b);
-                                        }
-                                        h
-                                    }
-                                    (None, None) => continue,
-                                };
-                                if let (Some(hm), Some(mask)) = (&hm, mask) {
-                                    let hm = unsafe { hm.slice(span.clone()) };
-                                    for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(&mask[span])
-                                    {
-                                        *hm = h * m;
-                                    }
+                        let finish = per_block(
+                            #[inline(always)]
+                            |block_rows: Range<usize>, block: Range<usize>| {
+                                let units = cols.start + block.start..cols.start + block.end;
+                                for r in rows.start + block_rows.start..rows.start + block_rows.end
+                                {
+                                    let span = r * out + units.start..r * out + units.end;
+                                    by_sixteen(
+                                        span,
+                                        #[inline(always)]
+                                        |span| {
+                                            let b = &b[span.start - r * out..span.end - r * out];
+                                            // SAFETY: each part touches only its own block.
+                                            let z = z
+                                                .as_ref()
+                                                .map(|z| unsafe { z.slice(span.clone()) });
+                                            let h = h
+                                                .as_ref()
+                                                .map(|h| unsafe { h.slice(span.clone()) });
+                                            let masked = hm.as_ref().zip(mask).map(|(hm, mask)| {
+                                                (
+                                                    unsafe { hm.slice(span.clone()) },
+                                                    &mask[span.clone()],
+                                                )
+                                            });
+                                            forward_piece(phi, b, z, h, masked);
+                                        },
+                                    );
                                 }
-                            }
-                        };
+                            },
+                        );
                         // SAFETY: the parts' blocks are disjoint; every buffer
                         // holds n·out values and W out·fan_in.
                         unsafe {
@@ -416,12 +410,15 @@ impl Dense<'_> {
                         };
                         // ∂W[units, cols] = δ[:, units]ᵀ · x[:, cols], and where
                         // the part holds whole rows, their squares block by block.
-                        let squares_of = |rows: Range<usize>, block: Range<usize>| {
-                            if by_units {
-                                let rows = units.start + rows.start..units.start + rows.end;
-                                add_squares(rows, block);
-                            }
-                        };
+                        let squares_of = per_block(
+                            #[inline(always)]
+                            |rows: Range<usize>, block: Range<usize>| {
+                                if by_units {
+                                    let rows = units.start + rows.start..units.start + rows.end;
+                                    add_squares(rows, block);
+                                }
+                            },
+                        );
                         // SAFETY (both products): parts own disjoint blocks of ∂W
                         // and disjoint columns of δ_{i−1} (`inputs`).
                         unsafe {
@@ -443,32 +440,37 @@ impl Dense<'_> {
                         // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z),
                         // the factors applied block by block.
                         let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
-                        let finish = |rows: Range<usize>, block: Range<usize>| {
-                            let columns = inputs.start + block.start..inputs.start + block.end;
-                            for r in rows {
-                                let span = r * fan_in + columns.start..r * fan_in + columns.end;
-                                let du = unsafe { du.slice(span.clone()) };
-                                let h = &h[span.clone()];
-                                let z = match &below.preact {
-                                    Some(z) if A::SLOPE_READS_Z => &z[span.clone()],
-                                    _ => h,
-                                };
-                                for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
-                                    *du *= phi.slope(*z, *h);
+                        let finish = per_block(
+                            #[inline(always)]
+                            |rows: Range<usize>, block: Range<usize>| {
+                                let columns = inputs.start + block.start..inputs.start + block.end;
+                                for r in rows {
+                                    by_sixteen(
+                                        columns.clone(),
+                                        #[inline(always)]
+                                        |columns| {
+                                            let span = r * fan_in + columns.start
+                                                ..r * fan_in + columns.end;
+                                            let h = &h[span.clone()];
+                                            let z = match &below.preact {
+                                                Some(z) if A::SLOPE_READS_Z => &z[span.clone()],
+                                                _ => h,
+                                            };
+                                            let mask = below
+                                                .dropout
+                                                .as_ref()
+                                                .map(|(m, _)| &m[span.clone()]);
+                                            // SAFETY: each part touches only its own columns.
+                                            let du = unsafe { du.slice(span) };
+                                            let sums = du_sums
+                                                .as_ref()
+                                                .map(|s| unsafe { s.slice(columns) });
+                                            backward_piece(phi, du, (z, h), mask, sums);
+                                        },
+                                    );
                                 }
-                                if let Some((mask, _)) = &below.dropout {
-                                    for (du, m) in du.iter_mut().zip(&mask[span]) {
-                                        *du *= m;
-                                    }
-                                }
-                                if let Some(sums) = &du_sums {
-                                    let sums = unsafe { sums.slice(columns.clone()) };
-                                    for (sum, du) in sums.iter_mut().zip(du.iter()) {
-                                        *sum += du;
-                                    }
-                                }
-                            }
-                        };
+                            },
+                        );
                         unsafe {
                             product_then(
                                 (n, inputs.len(), out),
@@ -506,6 +508,115 @@ impl Dense<'_> {
             upstream,
             upstream_sums,
         }
+    }
+}
+
+/// `finish` as [`product_then`] takes it. (Written as a call, so that the
+/// closure can be marked `#[inline(always)]` and compile into the AVX-512
+/// product that calls it: on its own it would be baseline x86-64 code.)
+fn per_block<F: Fn(Range<usize>, Range<usize>)>(finish: F) -> F {
+    finish
+}
+
+/// `f` on `span` in pieces of 16 values (one AVX-512 register), then on the
+/// rest. A loop over a piece known to be 16 long compiles to single vector
+/// operations, where the compiler's own vector loops take 64 values at a
+/// time: a block's rows are 32 long, so those loops ran value by value.
+#[inline(always)]
+fn by_sixteen(span: Range<usize>, mut f: impl FnMut(Range<usize>)) {
+    let mut start = span.start;
+    while start + 16 <= span.end {
+        f(start..start + 16);
+        start += 16;
+    }
+    if start < span.end {
+        f(start..span.end);
+    }
+}
+
+/// The forward epilogue on one piece of a row: z += b and h = φ(z), or,
+/// where z is not kept, h = φ(h + b) in place; then h ⊙ mask. As a function
+/// of its own, its slices are arguments that the compiler knows do not
+/// overlap, so that its loops vectorize even inlined into the product.
+#[inline(always)]
+fn forward_piece<A: Pointwise>(
+    phi: A,
+    b: &[f32],
+    z: Option<&mut [f32]>,
+    h: Option<&mut [f32]>,
+    masked: Option<(&mut [f32], &[f32])>,
+) {
+    let h = match (z, h) {
+        (Some(z), h) => {
+            for (z, b) in z.iter_mut().zip(b) {
+                *z += b;
+            }
+            let Some(h) = h else { return };
+            for (h, z) in h.iter_mut().zip(z.iter()) {
+                *h = phi.value(*z);
+            }
+            h
+        }
+        (None, Some(h)) => {
+            for (h, b) in h.iter_mut().zip(b) {
+                *h = phi.value(*h + b);
+            }
+            h
+        }
+        (None, None) => return,
+    };
+    if let Some((hm, mask)) = masked {
+        for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(mask) {
+            *hm = h * m;
+        }
+    }
+}
+
+/// The dX epilogue on one piece of a row of δ below: δ ⊙ φ'(z) ⊙ mask, and
+/// its values added to the column `sums` (∂b below). A function for the
+/// same reason as [`forward_piece`].
+#[inline(always)]
+fn backward_piece<A: Pointwise>(
+    phi: A,
+    du: &mut [f32],
+    (z, h): (&[f32], &[f32]),
+    mask: Option<&[f32]>,
+    sums: Option<&mut [f32]>,
+) {
+    in_registers(
+        du,
+        #[inline(always)]
+        |du| {
+            for ((du, z), h) in du.iter_mut().zip(z).zip(h) {
+                *du *= phi.slope(*z, *h);
+            }
+            if let Some(mask) = mask {
+                for (du, m) in du.iter_mut().zip(mask) {
+                    *du *= m;
+                }
+            }
+        },
+    );
+    if let Some(sums) = sums {
+        for (sum, du) in sums.iter_mut().zip(du.iter()) {
+            *sum += du;
+        }
+    }
+}
+
+/// `f` on `values`, through a copy on the stack where they are a piece of
+/// 16. Even with its slices as arguments, the compiler left the slope loop
+/// of [`backward_piece`] scalar; over a local copy it is one vector
+/// operation.
+#[inline(always)]
+fn in_registers(values: &mut [f32], f: impl FnOnce(&mut [f32])) {
+    match <&mut [f32; 16]>::try_from(&mut *values) {
+        Ok(piece) => {
+            let mut copy = *piece;
+            f(&mut copy);
+            *piece = copy;
+        }
+        Err(_) => f(values),
     }
 }
 
