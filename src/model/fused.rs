@@ -702,6 +702,7 @@ const FINISH_IN_BLOCKS: usize = 1 << 16;
 ///
 /// # Safety
 /// As [`sgemm`].
+#[inline(always)]
 unsafe fn product_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
