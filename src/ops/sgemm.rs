@@ -50,6 +50,7 @@ impl Operand {
     }
 
     /// The same values read as the transpose.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn transposed(self) -> Self {
         Self {
             row_stride: self.col_stride,
@@ -60,6 +61,7 @@ impl Operand {
 
     /// # Safety
     /// `(i, j)` must lie inside the matrix.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unsafe fn at(&self, i: usize, j: usize) -> f32 {
         unsafe {
             *self
@@ -128,14 +130,9 @@ impl Panels {
             Side::A => (rows, cols),
             Side::B => (cols, rows),
         };
-        #[cfg(target_arch = "x86_64")]
-        let values = if std::arch::is_x86_feature_detected!("avx512f") {
-            Vec::with_capacity(avx512::panels(side, len) * avx512::width(side) * depth)
-        } else {
-            Vec::new()
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let values = Vec::new();
+        let values = panel_shape(side, len).map_or_else(Vec::new, |(count, width)| {
+            Vec::with_capacity(count * width * depth)
+        });
         Self {
             x,
             side,
@@ -147,13 +144,10 @@ impl Panels {
 
     /// How many panels there are to pack: zero where the product reads `x` in place.
     pub fn count(&self) -> usize {
-        if self.values.capacity() == 0 {
-            return 0;
+        match panel_shape(self.side, self.len) {
+            Some((count, _)) if self.values.capacity() > 0 => count,
+            _ => 0,
         }
-        #[cfg(target_arch = "x86_64")]
-        return avx512::panels(self.side, self.len);
-        #[cfg(not(target_arch = "x86_64"))]
-        0
     }
 
     /// Packs panels `range` (of [`Panels::count`]), every pass of them.
@@ -168,6 +162,17 @@ impl Panels {
             avx512::pack_panels(self, range)
         }
     }
+}
+
+/// How many panels `len` rows of `a` (or columns of `b`) make for the
+/// AVX-512 product, and their width; `None` where the product packs nothing.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn panel_shape(side: Side, len: usize) -> Option<(usize, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return Some((avx512::panels(side, len), avx512::width(side)));
+    }
+    None
 }
 
 /// `c = a · b` for `(m, n, k)`: `a` is m×k, `b` k×n, and `c` row-major m×n
