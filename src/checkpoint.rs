@@ -84,6 +84,7 @@ pub fn read_state<S: DeserializeOwned>(dir: &Path, step: u64) -> Option<S> {
 }
 
 /// A loaded checkpoint.
+#[derive(Debug, Clone)]
 pub struct Checkpoint<S> {
     pub step: u64,
     pub params: HashMap<String, Tensor>,
@@ -184,9 +185,7 @@ mod tests {
         let path = params_path(dir.path(), 5);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let err = load::<u64>(dir.path(), 5, &Device::Cpu)
-            .err()
-            .expect("refused");
+        let err = load::<u64>(dir.path(), 5, &Device::Cpu).expect_err("refused");
         assert!(err.to_string().contains("damaged checkpoint"), "{err}");
     }
 

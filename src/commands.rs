@@ -13,9 +13,10 @@ use crate::error::UserError;
 use crate::interrupt;
 use crate::plot;
 use crate::probe;
+use crate::rescue;
 use crate::run_dir::{self, RunDir};
 use crate::sweep::{SlurmOptions, Sweep, slurm_script};
-use crate::train::{RunOptions, Status, Summary, Trainer, healthy_checkpoint};
+use crate::train::{RunOptions, Status, Summary, Trainer};
 
 /// Loads the config a command's run arguments describe.
 pub fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
@@ -74,27 +75,12 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
             (config, run_dir, trainer)
         }
     };
-    let mut summary = trainer.run(&run_dir, &options)?;
-    report(&run_dir, &summary);
-    let (mut config, mut run_dir) = (config, run_dir);
-    let mut rescues = 0;
-    while summary.status == Status::Diverged
-        && config.divergence.action == DivergenceAction::Rescue
-        && rescues < config.divergence.max_rescues
-    {
-        let rescued = config.rescued()?;
-        let overrides = rescue_overrides(&config);
-        let Some((next_dir, next)) = rescue(&run_dir, &summary, rescued, overrides, &options)?
-        else {
-            break;
-        };
-        summary = next;
-        report(&next_dir, &summary);
-        (config, run_dir) = (
-            Config::load(Some(&next_dir.file(run_dir::CONFIG)), &[])?,
-            next_dir,
-        );
-        rescues += 1;
+    let mut trainer = trainer;
+    let summary = trainer.run(&run_dir, &options)?;
+    println!("{}", summary.line(run_dir.path()));
+    if summary.status == Status::Diverged && config.divergence.action == DivergenceAction::Rescue {
+        let (_, last) = rescue::climb(&config, &run_dir, summary, trainer, &options)?;
+        return Ok(outcome(&last));
     }
     Ok(outcome(&summary))
 }
@@ -109,98 +95,8 @@ pub fn rescue_command(args: &RescueArgs) -> anyhow::Result<Outcome> {
     let summary: Summary = run_dir.summary()?.ok_or_else(|| {
         UserError::data(&args.run, "has no summary.json (still running, or killed?); resume it with `larslab train --resume`")
     })?;
-    if summary.divergence.is_none() {
-        return Err(UserError::data(
-            &args.run,
-            "did not diverge; continue it with `larslab train --resume RUN --set train.steps=N`",
-        )
-        .into());
-    }
-    let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.overrides)?;
-    if config.train.steps <= summary.divergence.map_or(0, |v| v.onset_step) {
-        return Err(UserError::key(
-            "train.steps",
-            format!(
-                "{} leaves nothing to train after the rescue's checkpoint",
-                config.train.steps
-            ),
-        )
-        .into());
-    }
-    match rescue(&run_dir, &summary, config, args.overrides.clone(), &options)? {
-        Some((dir, summary)) => {
-            report(&dir, &summary);
-            Ok(outcome(&summary))
-        }
-        None => Err(UserError::data(
-            &run_dir.file(run_dir::CHECKPOINTS),
-            format!(
-                "holds no healthy checkpoint before step {} where the divergence began (set train.checkpoint_every)",
-                summary.divergence.map_or(0, |v| v.onset_step)
-            ),
-        )
-        .into()),
-    }
-}
-
-/// Trains `config` from `run_dir`'s last checkpoint before the divergence's
-/// onset into a new sibling directory `<run>.rescue-<n>`; `None` when no
-/// such checkpoint exists.
-fn rescue(
-    run_dir: &RunDir,
-    summary: &Summary,
-    config: Config,
-    overrides: Vec<String>,
-    options: &RunOptions,
-) -> anyhow::Result<Option<(RunDir, Summary)>> {
-    let onset = summary.divergence.map_or(summary.steps, |v| v.onset_step);
-    let checkpoints = run_dir.file(run_dir::CHECKPOINTS);
-    let Some(step) = healthy_checkpoint(&config, &checkpoints, onset) else {
-        return Ok(None);
-    };
-    let best_before = summary.best_smoothed_train_loss;
-    let trainer = Trainer::resume(&config, &checkpoints, step)?.rescuing(
-        run_dir.path(),
-        overrides,
-        best_before,
-    );
-    let parent = run_dir.path().parent().unwrap_or(std::path::Path::new("."));
-    let stem = format!(
-        "{}.rescue",
-        run_dir
-            .path()
-            .file_name()
-            .map_or("run".into(), |n| n.to_string_lossy())
-    );
-    let dir = RunDir::create_numbered(parent, &stem)?;
-    let name = dir
-        .path()
-        .file_name()
-        .map_or(stem.clone(), |n| n.to_string_lossy().into_owned());
-    if !options.quiet {
-        eprintln!(
-            "rescuing {} from its checkpoint at step {step} (divergence began at step {onset})",
-            run_dir.path().display()
-        );
-    }
-    let trainer = trainer.renamed(&name);
-    Ok(Some((dir.clone(), trainer.run(&dir, options)?)))
-}
-
-/// The `divergence.rescue` table as `KEY=VALUE` lines, for the rescue's summary.
-fn rescue_overrides(config: &Config) -> Vec<String> {
-    let mut lines = Vec::new();
-    for (key, value) in &config.divergence.rescue {
-        match value {
-            toml::Value::Table(inner) => {
-                for (k, v) in inner {
-                    lines.push(format!("{key}.{k}={v}"));
-                }
-            }
-            v => lines.push(format!("{key}={v}")),
-        }
-    }
-    lines
+    let (_, last) = rescue::from_disk(&run_dir, &summary, &args.overrides, &options)?;
+    Ok(outcome(&last))
 }
 
 fn outcome(summary: &Summary) -> Outcome {
@@ -208,43 +104,6 @@ fn outcome(summary: &Summary) -> Outcome {
         Status::Interrupted => Outcome::Interrupted,
         _ => Outcome::Done,
     }
-}
-
-/// The line a person reads when a run ends.
-fn report(run_dir: &RunDir, summary: &Summary) {
-    let percent = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a));
-    let outcome = match (summary.status, summary.divergence) {
-        (Status::Interrupted, _) => format!("interrupted at step {}", summary.steps),
-        (_, Some(v)) if summary.status == Status::Diverged => {
-            format!(
-                "diverged at step {} ({:?}, began at step {})",
-                v.step, v.rule, v.onset_step
-            )
-        }
-        _ => format!("{} steps", summary.steps),
-    };
-    let rescue = summary.rescue.as_ref().map_or(String::new(), |r| {
-        format!(
-            ", rescue from step {}: {}",
-            r.from_step,
-            if r.recovered {
-                "recovered"
-            } else {
-                "not recovered"
-            }
-        )
-    });
-    let test = summary.test_accuracy.map_or(String::new(), |a| {
-        format!(", test accuracy {}", percent(Some(a)))
-    });
-    println!(
-        "{}: {outcome}, final val accuracy {} (best {}){test}{rescue}, {:.1} s, {:.0} samples/s",
-        run_dir.path().display(),
-        percent(summary.final_val_accuracy),
-        percent(summary.best_val_accuracy),
-        summary.wall_seconds,
-        summary.samples_per_second,
-    );
 }
 
 pub fn data(command: &DataCommand) -> anyhow::Result<()> {

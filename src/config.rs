@@ -353,10 +353,33 @@ pub struct DivergenceConfig {
     pub grad_window: usize,
     /// The ratio rules start after this many steps (the statistics need history).
     pub min_steps: u64,
-    /// `stop` the run, `continue` (only mark it), or `rescue` it from the last healthy checkpoint.
+    /// `loss_explosion`: the batch loss exceeds this × max(ln(classes), the
+    /// first loss), from step 0; 0 is off.
+    pub explosion_factor: f64,
+    /// `dead_layer`: a layer's gradient norm falls below this × its median over
+    /// the first `early_steps` steps while the loss is above ln(classes)/2; 0 is off.
+    pub dead_ratio: f64,
+    /// `grad_runaway`: the global gradient norm exceeds this × its median over
+    /// the first `early_steps` steps; 0 is off.
+    pub runaway_factor: f64,
+    /// The steps whose gradient norms set the early levels, ≥ 1.
+    pub early_steps: u64,
+    /// Steps the step-0 rules (explosion, dead layer, runaway) must hold in a row, ≥ 1.
+    pub fast_patience: u64,
+    /// A layer has left its recent band when its gradient norm is this many
+    /// times above or below its median over the steps before, > 1.
+    pub layer_band: f64,
+    /// `stop` the run, `continue` (only mark it), or `rescue` it from the last healthy state.
     pub action: DivergenceAction,
-    /// `rescue`: how many times one run may be rescued.
+    /// `rescue`: how many rescues one run may take (rungs of the ladder, or
+    /// applications of `[divergence.rescue]`).
     pub max_rescues: u32,
+    /// `rescue` without `[divergence.rescue]`: the fixes to try, in order.
+    pub ladder: Vec<Rung>,
+    /// `rescue`: keep an in-memory snapshot every this many steps, ≥ 1.
+    pub snapshot_every: u64,
+    /// `rescue`: how many in-memory snapshots to keep, ≥ 1.
+    pub snapshots: usize,
     /// A rescue has recovered when the smoothed loss is back under the best
     /// before the divergence within this many steps (and the run ends finite).
     pub recover_within: u64,
@@ -372,6 +395,37 @@ pub enum DivergenceAction {
     Rescue,
 }
 
+/// One fix of the rescue ladder (src/rescue.rs says what each changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rung {
+    SkipBatches,
+    LarcClip,
+    LarsPoly,
+    LowerLr,
+}
+
+impl Rung {
+    /// The default ladder.
+    pub const LADDER: [Rung; 5] = [
+        Rung::SkipBatches,
+        Rung::LarcClip,
+        Rung::LarsPoly,
+        Rung::LowerLr,
+        Rung::LowerLr,
+    ];
+
+    /// The rung's name as the config and summary.json write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rung::SkipBatches => "skip_batches",
+            Rung::LarcClip => "larc_clip",
+            Rung::LarsPoly => "lars_poly",
+            Rung::LowerLr => "lower_lr",
+        }
+    }
+}
+
 impl Default for DivergenceConfig {
     fn default() -> Self {
         Self {
@@ -383,8 +437,17 @@ impl Default for DivergenceConfig {
             smoothing: 0.9,
             grad_window: 50,
             min_steps: 20,
+            explosion_factor: 2.0,
+            dead_ratio: 1e-4,
+            runaway_factor: 1000.0,
+            early_steps: 10,
+            fast_patience: 3,
+            layer_band: 4.0,
             action: DivergenceAction::Stop,
-            max_rescues: 1,
+            max_rescues: 5,
+            ladder: Rung::LADDER.to_vec(),
+            snapshot_every: 10,
+            snapshots: 4,
             recover_within: 200,
             rescue: toml::Table::new(),
         }
@@ -630,27 +693,32 @@ impl Config {
 
     /// This config with `divergence.rescue`'s overrides applied: the config of a rescue run.
     pub fn rescued(&self) -> Result<Config, UserError> {
-        let in_rescue = |e: UserError| match e {
+        self.overridden(&dotted(&self.divergence.rescue), "divergence.rescue")
+    }
+
+    /// This config with dotted keys set to values (a rescue's changes), each
+    /// error named under `source`.
+    pub fn overridden(
+        &self,
+        overrides: &[(String, toml::Value)],
+        source: &str,
+    ) -> Result<Config, UserError> {
+        let within = |e: UserError| match e {
             UserError::ConfigKey { key, message } => {
-                UserError::key(format!("divergence.rescue: {key}"), message)
+                UserError::key(format!("{source}: {key}"), message)
             }
             other => other,
         };
         let mut table = toml::Table::try_from(self).expect("a Config always serialises to a table");
-        let mut overrides = Vec::new();
-        flatten_table("", &self.divergence.rescue, &mut overrides);
         for (key, value) in overrides {
             if key.starts_with("divergence.rescue") {
-                return Err(UserError::key(
-                    "divergence.rescue",
-                    "cannot override itself",
-                ));
+                return Err(UserError::key(source, "cannot override divergence.rescue"));
             }
-            set_dotted(&mut table, &key, value).map_err(in_rescue)?;
+            set_dotted(&mut table, key, value.clone()).map_err(within)?;
         }
-        let rescued = from_table(table).map_err(in_rescue)?;
-        rescued.validate_settings().map_err(in_rescue)?;
-        Ok(rescued)
+        let changed = from_table(table).map_err(within)?;
+        changed.validate_settings().map_err(within)?;
+        Ok(changed)
     }
 
     fn validate_settings(&self) -> Result<(), UserError> {
@@ -855,6 +923,34 @@ impl Config {
             "divergence.grad_window",
             "must be at least 1",
         )?;
+        for (value, key) in [
+            (v.explosion_factor, "divergence.explosion_factor"),
+            (v.runaway_factor, "divergence.runaway_factor"),
+        ] {
+            check(
+                value == 0.0 || (value.is_finite() && value > 1.0),
+                key,
+                "must be 0 (off) or > 1",
+            )?;
+        }
+        check(
+            v.dead_ratio.is_finite() && (0.0..1.0).contains(&v.dead_ratio),
+            "divergence.dead_ratio",
+            "must be in [0, 1); 0 is off",
+        )?;
+        check(
+            v.layer_band.is_finite() && v.layer_band > 1.0,
+            "divergence.layer_band",
+            "must be > 1",
+        )?;
+        for (value, key) in [
+            (v.early_steps, "divergence.early_steps"),
+            (v.fast_patience, "divergence.fast_patience"),
+            (v.snapshot_every, "divergence.snapshot_every"),
+            (v.snapshots as u64, "divergence.snapshots"),
+        ] {
+            check(value >= 1, key, "must be at least 1")?;
+        }
         Ok(())
     }
 
@@ -950,6 +1046,13 @@ fn from_table(table: toml::Table) -> Result<Config, UserError> {
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("unknown field `")?;
     rest.split('`').next()
+}
+
+/// Every leaf of `table` as a dotted key and its value, in table order.
+pub fn dotted(table: &toml::Table) -> Vec<(String, toml::Value)> {
+    let mut out = Vec::new();
+    flatten_table("", table, &mut out);
+    out
 }
 
 /// Every leaf of `table` as a dotted key (a key may itself hold dots, e.g. `"optimizer.kind"`).

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod probe;
+pub mod rescue;
 pub mod rng;
 pub mod run_dir;
 pub mod runtime;

@@ -175,11 +175,13 @@ fn a_diverging_run_is_a_result_not_an_error() {
             "divergence.non_finite=false",
             "--set",
             "divergence.loss_factor=0",
+            "--set",
+            "divergence.explosion_factor=0",
         ],
     );
     assert_eq!(read_json(&off.join("summary.json"))["status"], "diverged");
     assert!(
-        ["non_finite_loss", "loss_factor", "non_finite_grad"].contains(&rule),
+        ["non_finite_loss", "loss_explosion", "non_finite_grad"].contains(&rule),
         "{rule}"
     );
     assert!(

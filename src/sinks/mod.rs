@@ -44,6 +44,10 @@ pub trait Sink {
     ) -> std::io::Result<()> {
         Ok(())
     }
+    /// A note in words at `step` (the divergence's description); sinks without text ignore it.
+    fn text(&mut self, _step: u64, _tag: &str, _markdown: &str) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Makes everything written so far durable (called at evaluations and at the end).
     fn flush(&mut self) -> std::io::Result<()>;
     /// The run is over; `diverged` says how it ended.
@@ -69,6 +73,12 @@ impl Sinks {
         self.0
             .iter_mut()
             .try_for_each(|s| s.histograms(step, histograms))
+    }
+
+    pub fn text(&mut self, step: u64, tag: &str, markdown: &str) -> std::io::Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|s| s.text(step, tag, markdown))
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {

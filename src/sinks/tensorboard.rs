@@ -67,8 +67,13 @@ impl TensorBoardSink {
     /// Opens an event file in `dir` and writes what is known at the start:
     /// the config as text, the HParams experiment and session start, and the
     /// custom-scalars layout.
-    pub fn create(dir: &Path, config: &Config) -> io::Result<Self> {
+    /// A run that starts past step 0 (resumed) first purges what earlier
+    /// event files hold from `start_step` on.
+    pub fn create(dir: &Path, config: &Config, start_step: u64) -> io::Result<Self> {
         let mut writer = EventWriter::create(dir)?;
+        if start_step > 0 {
+            writer.session_start(start_step as i64)?;
+        }
         let indented: String = config
             .to_toml()
             .lines()
@@ -114,6 +119,10 @@ impl Sink for TensorBoardSink {
             self.writer.histogram(tag, step as i64, values)?;
         }
         Ok(())
+    }
+
+    fn text(&mut self, step: u64, tag: &str, markdown: &str) -> io::Result<()> {
+        self.writer.text(tag, step as i64, markdown)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -335,6 +335,22 @@ impl EventWriter {
         )
     }
 
+    /// Writes `SessionLog { status: START }` at `step`: TensorBoard then drops
+    /// every event of this run at `step` or later that earlier files hold
+    /// (its `purge_orphaned_data`, on by default), so a run resumed or rolled
+    /// back to `step` draws no loops.
+    pub fn session_start(&mut self, step: i64) -> io::Result<()> {
+        self.write_event(&proto::Event {
+            wall_time: now_secs(),
+            step,
+            what: Some(proto::event::What::SessionLog(proto::SessionLog {
+                status: proto::SESSION_LOG_START,
+                checkpoint_path: String::new(),
+                msg: String::new(),
+            })),
+        })
+    }
+
     /// Flushes buffered events to the file and syncs its data to disk.
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()?;

@@ -27,8 +27,8 @@ pub struct Event {
     /// Global step of the event.
     #[prost(int64, tag = "2")]
     pub step: i64,
-    /// The `what` oneof (only `file_version` and `summary` are declared).
-    #[prost(oneof = "event::What", tags = "3, 5")]
+    /// The `what` oneof (only `file_version`, `summary` and `session_log` are declared).
+    #[prost(oneof = "event::What", tags = "3, 5, 6")]
     pub what: Option<event::What>,
 }
 
@@ -43,8 +43,28 @@ pub mod event {
         /// `Summary summary = 5`.
         #[prost(message, tag = "5")]
         Summary(super::Summary),
+        /// `SessionLog session_log = 6`.
+        #[prost(message, tag = "6")]
+        SessionLog(super::SessionLog),
     }
 }
+
+/// `tensorboard.SessionLog` from `tensorboard/compat/proto/event.proto`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionLog {
+    /// `SessionStatus status = 1`: 1 is `START`.
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+    /// `string checkpoint_path = 2`.
+    #[prost(string, tag = "2")]
+    pub checkpoint_path: String,
+    /// `string msg = 3`.
+    #[prost(string, tag = "3")]
+    pub msg: String,
+}
+
+/// `SessionLog.SessionStatus.START`.
+pub const SESSION_LOG_START: i32 = 1;
 
 /// `tensorboard.Summary` from `tensorboard/compat/proto/summary.proto`.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -12,6 +12,8 @@
 pub mod eval;
 pub mod step;
 
+use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -21,11 +23,11 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Config, DivergenceAction, OptimizerKind};
+use crate::config::{Config, DivergenceAction, OptimizerKind, Rung};
 use crate::data::{self, Batcher, BatcherState, Dataset};
 use crate::device;
 use crate::diagnostics::{layer_stats, spectra};
-use crate::divergence::{Detector, DetectorState, Verdict};
+use crate::divergence::{Detector, DetectorState, Observation, Rule, Verdict};
 use crate::error::UserError;
 use crate::model::Model;
 use crate::optim::Optimizer;
@@ -37,7 +39,7 @@ use crate::sinks::jsonl::JsonlSink;
 use crate::sinks::tensorboard::TensorBoardSink;
 use crate::sinks::{Record, Sinks};
 use eval::{BestSoFar, evaluate, loss_and_accuracy};
-use step::{Probe, apply_update, forward_backward, global_grad_norm, record_batch};
+use step::{Probe, apply_update, forward_backward, norm_of, param_grad_norms, record_batch};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +58,20 @@ pub struct Rescue {
     pub from_run: String,
     /// The checkpoint it started from, the last one before the divergence's onset.
     pub from_step: u64,
+    /// The rung of the rescue ladder, or `None` for `[divergence.rescue]` or `--set` overrides.
+    #[serde(default)]
+    pub rung: Option<Rung>,
+    /// Whether it started from an in-memory snapshot (else a checkpoint on disk).
+    #[serde(default)]
+    pub from_snapshot: bool,
     /// The settings changed for the rescue.
     pub overrides: Vec<String>,
+    /// Batches passed over unseen before the rescue's first step (`skip_batches`).
+    #[serde(default)]
+    pub skipped_batches: u64,
+    /// The rate warms up again from the rescue's first step over this many steps (0: no).
+    #[serde(default)]
+    pub rewarm_steps: u64,
     /// The diverged run's best smoothed training loss up to that checkpoint.
     pub best_smoothed_loss_before: Option<f64>,
     /// The step at which the smoothed loss came back under that best (within `divergence.recover_within`).
@@ -102,6 +116,55 @@ pub struct Summary {
     pub batch_size: usize,
     /// Set for a rescue run.
     pub rescue: Option<Rescue>,
+    /// The rescues tried after this run diverged, in order (written once they ran).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rescued_by: Vec<RescueAttempt>,
+}
+
+impl Summary {
+    /// The line a person reads when a run in `dir` ends.
+    pub fn line(&self, dir: &Path) -> String {
+        let percent = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a));
+        let outcome = match (&self.divergence, self.status) {
+            (_, Status::Interrupted) => format!("interrupted at step {}", self.steps),
+            (Some(v), Status::Diverged) => format!("diverged: {}", v.describe()),
+            _ => format!("{} steps", self.steps),
+        };
+        let rescue = self.rescue.as_ref().map_or(String::new(), |r| {
+            let rung = r
+                .rung
+                .map_or(String::new(), |rung| format!(" ({})", rung.name()));
+            let result = if r.recovered {
+                "recovered"
+            } else {
+                "not recovered"
+            };
+            format!(", rescue{rung} from step {}: {result}", r.from_step)
+        });
+        let test = self.test_accuracy.map_or(String::new(), |a| {
+            format!(", test accuracy {}", percent(Some(a)))
+        });
+        format!(
+            "{}: {outcome}, final val accuracy {} (best {}){test}{rescue}, {:.1} s, {:.0} samples/s",
+            dir.display(),
+            percent(self.final_val_accuracy),
+            percent(self.best_val_accuracy),
+            self.wall_seconds,
+            self.samples_per_second,
+        )
+    }
+}
+
+/// One rescue tried after a divergence, as the diverged run's summary lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RescueAttempt {
+    /// The rescue run's directory.
+    pub run: String,
+    pub rung: Option<Rung>,
+    pub from_step: u64,
+    pub recovered: bool,
+    /// Where the rescue run diverged in turn, if it did.
+    pub diverged_at_step: Option<u64>,
 }
 
 /// Everything besides tensors that a checkpoint holds.
@@ -142,7 +205,17 @@ pub struct Trainer {
     final_train_loss: Option<f64>,
     divergence: Option<Verdict>,
     rescue: Option<Rescue>,
+    /// Each parameter's layer, an index into the detector's layers.
+    layer_of_param: Vec<usize>,
+    /// The newest in-memory states, oldest first (kept when `divergence.action = "rescue"`).
+    snapshots: VecDeque<Snapshot>,
+    /// The newest states taken while training was healthy, oldest first: a
+    /// slow blow-up can outlast the ring above.
+    healthy_snapshots: VecDeque<Snapshot>,
 }
+
+/// A training state held in memory: exactly what a checkpoint holds.
+pub type Snapshot = Checkpoint<TrainingState>;
 
 impl Trainer {
     /// A fresh run at step 0.
@@ -156,10 +229,19 @@ impl Trainer {
             config.data.shuffle,
             config.seed,
         );
+        let (layers, layer_of_param) = layers_of(&model);
         Ok(Self {
             optimizer: Optimizer::new(&config.optimizer),
             dropout_rng: rng::stream(config.seed, Stream::Dropout),
-            detector: Detector::new(&config.divergence, DetectorState::default()),
+            detector: Detector::new(
+                &config.divergence,
+                DetectorState::default(),
+                layers,
+                data.classes,
+            ),
+            layer_of_param,
+            snapshots: VecDeque::new(),
+            healthy_snapshots: VecDeque::new(),
             config: config.clone(),
             device,
             data,
@@ -174,21 +256,22 @@ impl Trainer {
         })
     }
 
-    /// Continues from the checkpoint of `step` in `checkpoints`: parameters,
+    /// Continues from the checkpoint of `step` in `checkpoints` (see [`Trainer::restore`]).
+    pub fn resume(config: &Config, checkpoints: &Path, step: u64) -> anyhow::Result<Self> {
+        let device = device::select(config.device)?;
+        let ckpt: Snapshot = checkpoint::load(checkpoints, step, &device)?;
+        Self::restore(config, &ckpt, &checkpoint::params_path(checkpoints, step))
+    }
+
+    /// Continues from a saved state (`origin` names it in errors): parameters,
     /// data order, generators and detector always; the optimizer's state
-    /// (momentum, Adam moments) when `config` keeps the checkpoint's optimizer
+    /// (momentum, Adam moments) when `config` keeps the state's optimizer
     /// kind, else the optimizer starts afresh.
-    pub fn resume(
-        config: &Config,
-        checkpoints: &std::path::Path,
-        step: u64,
-    ) -> anyhow::Result<Self> {
+    pub fn restore(config: &Config, saved: &Snapshot, origin: &Path) -> anyhow::Result<Self> {
         let mut trainer = Self::new(config)?;
-        let ckpt: Checkpoint<TrainingState> = checkpoint::load(checkpoints, step, &trainer.device)?;
-        let params_file = checkpoint::params_path(checkpoints, step);
-        let damaged = |message: String| UserError::data(&params_file, message);
+        let damaged = |message: String| UserError::data(origin, message);
         for param in trainer.model.params().iter().chain(trainer.model.buffers()) {
-            let value = ckpt
+            let value = saved
                 .params
                 .get(&param.name)
                 .ok_or_else(|| damaged(format!("has no `{}`", param.name)))?;
@@ -203,11 +286,11 @@ impl Trainer {
             }
             param.var.set(value)?;
         }
-        let state = ckpt.state;
+        let state = saved.state.clone();
         if state.optimizer_kind == config.optimizer.kind {
             trainer
                 .optimizer
-                .restore(trainer.model.params(), &ckpt.optimizer)
+                .restore(trainer.model.params(), &saved.optimizer)
                 .map_err(damaged)?;
         }
         trainer
@@ -218,7 +301,13 @@ impl Trainer {
             .dropout_rng
             .restore()
             .ok_or_else(|| damaged("its dropout generator state is malformed".into()))?;
-        trainer.detector = Detector::new(&config.divergence, state.detector);
+        let layers = trainer.detector.layers().to_vec();
+        trainer.detector = Detector::new(
+            &config.divergence,
+            state.detector,
+            layers,
+            trainer.data.classes,
+        );
         trainer.step = state.step;
         trainer.start_step = state.step;
         trainer.best = state.best;
@@ -228,28 +317,136 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// Marks this run as a rescue of `from_run` (started from its checkpoint
-    /// at this step), whose best smoothed loss before diverging was `best_before`.
-    pub fn rescuing(
-        mut self,
-        from_run: &std::path::Path,
-        overrides: Vec<String>,
-        best_before: Option<f64>,
-    ) -> Self {
+    /// Marks this run as a rescue of `from_run`, starting at its current
+    /// step; `rescue` says how (its `from_step` is filled in here).
+    pub fn rescuing(mut self, mut rescue: Rescue) -> Self {
         self.divergence = None;
-        self.rescue = Some(Rescue {
-            from_run: from_run.display().to_string(),
-            from_step: self.step,
-            overrides,
-            best_smoothed_loss_before: best_before,
-            back_under_best_at_step: None,
-            recovered: false,
-        });
+        rescue.from_step = self.step;
+        for _ in 0..rescue.skipped_batches {
+            self.batcher.next_batch();
+        }
+        self.rescue = Some(rescue);
         self
+    }
+
+    /// The newest state held in memory that was taken before step `before`
+    /// while training was still healthy.
+    pub fn healthy_snapshot(&self, before: u64) -> Option<&Snapshot> {
+        let healthy =
+            |s: &&Snapshot| s.step < before && self.detector_for(&s.state.detector).is_healthy();
+        let recent = self.snapshots.iter().rev().find(healthy);
+        let older = self.healthy_snapshots.iter().rev().find(healthy);
+        recent.into_iter().chain(older).max_by_key(|s| s.step)
+    }
+
+    /// The current run's detector configuration over another state.
+    fn detector_for(&self, state: &DetectorState) -> Detector {
+        Detector::new(
+            &self.config.divergence,
+            state.clone(),
+            self.detector.layers().to_vec(),
+            self.data.classes,
+        )
+    }
+
+    /// Everything mutable, copied: tensors that later steps update in place are not shared.
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let copied = |tensors: std::collections::HashMap<String, candle_core::Tensor>| {
+            tensors
+                .into_iter()
+                .map(|(name, t)| Ok((name, t.copy()?)))
+                .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()
+        };
+        Ok(Snapshot {
+            step: self.step,
+            params: copied(self.model.named_tensors())?,
+            optimizer: copied(self.optimizer.state(self.model.params()))?,
+            state: self.state(),
+        })
+    }
+
+    /// Keeps a snapshot every `divergence.snapshot_every` steps when the run may be rescued.
+    fn keep_snapshot(&mut self) -> anyhow::Result<()> {
+        let d = &self.config.divergence;
+        if d.action != DivergenceAction::Rescue || !self.step.is_multiple_of(d.snapshot_every) {
+            return Ok(());
+        }
+        let keep = d.snapshots;
+        let snapshot = self.snapshot()?;
+        if self.detector.is_healthy() {
+            self.healthy_snapshots.push_back(snapshot.clone());
+            if self.healthy_snapshots.len() > keep {
+                self.healthy_snapshots.pop_front();
+            }
+        }
+        self.snapshots.push_back(snapshot);
+        if self.snapshots.len() > keep {
+            self.snapshots.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The rate at `step`: the schedule's, warmed up again from a rescue's start where it asks.
+    fn lr_at(&self, schedule: &Schedule, step: u64) -> f64 {
+        let lr = schedule.lr(step);
+        match &self.rescue {
+            Some(r) if r.rewarm_steps > 0 && step >= r.from_step => {
+                let done = (step - r.from_step + 1) as f64;
+                lr * (done / r.rewarm_steps as f64).min(1.0)
+            }
+            _ => lr,
+        }
+    }
+
+    /// The gradient norms the detector reads: all together, and per layer.
+    fn observed_norms(&self, g: &step::Gradients) -> anyhow::Result<(f64, Vec<f64>)> {
+        let norms = param_grad_norms(&self.model, g)?;
+        let mut layers = vec![Vec::new(); self.detector.layers().len()];
+        for (&layer, &norm) in self.layer_of_param.iter().zip(&norms) {
+            layers[layer].push(norm);
+        }
+        let per_layer = layers.into_iter().map(norm_of).collect();
+        Ok((norm_of(norms), per_layer))
+    }
+
+    /// For a dead layer: the layers whose units are all dead or saturated on
+    /// this batch (evaluated without dropout), with their fractions recorded.
+    fn dead_layers(
+        &self,
+        x: &candle_core::Tensor,
+        verdict: &mut Verdict,
+        record: &mut Record,
+    ) -> anyhow::Result<()> {
+        let (_, trace) = self.model.forward_traced(x, None, false)?;
+        let mut stats = Record::new(record.step);
+        layer_stats(&self.model, &trace, &mut stats)?;
+        let mut dead = Vec::new();
+        for (tag, value) in stats.values {
+            let layer = tag
+                .strip_prefix("dead_frac/")
+                .or_else(|| tag.strip_prefix("saturated_frac/"));
+            if let Some(layer) = layer {
+                if value >= DEAD_LAYER_FRACTION {
+                    dead.push(layer.to_string());
+                }
+                record.push(tag.clone(), value);
+            }
+        }
+        if !dead.is_empty() {
+            verdict.layer = dead.first().cloned();
+            verdict.layer_signal = Some("all its units dead or saturated on the batch".into());
+            verdict.layer_step = Some(record.step);
+            verdict.layers = dead;
+        }
+        Ok(())
     }
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The run's name, for a rescue run written under a new directory.
@@ -267,7 +464,7 @@ impl Trainer {
             detector: self.detector.state.clone(),
             best: self.best.clone(),
             final_train_loss: self.final_train_loss,
-            divergence: self.divergence,
+            divergence: self.divergence.clone(),
             rescue: self.rescue.clone(),
         }
     }
@@ -296,7 +493,7 @@ impl Trainer {
     /// Trains into `run_dir` from the current step to `train.steps`. A run
     /// that starts past step 0 (resumed, or a rescue) appends to the
     /// directory's files, dropping metrics lines from its start step on.
-    pub fn run(mut self, run_dir: &RunDir, options: &RunOptions) -> anyhow::Result<Summary> {
+    pub fn run(&mut self, run_dir: &RunDir, options: &RunOptions) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let config = self.config.clone();
         let t = &config.train;
@@ -323,6 +520,7 @@ impl Trainer {
                 break;
             }
             let step = self.step;
+            self.keep_snapshot()?;
             let mut record = Record::new(step);
             if step.is_multiple_of(t.eval_every) {
                 evaluate(
@@ -334,7 +532,7 @@ impl Trainer {
                 )?;
                 sinks.flush()?;
             }
-            let lr = schedule.lr(step);
+            let lr = self.lr_at(&schedule, step);
             let every = |n: u64| n > 0 && step.is_multiple_of(n);
             let probe = Probe {
                 measure: step.is_multiple_of(t.log_every),
@@ -351,20 +549,20 @@ impl Trainer {
                 &mut self.dropout_rng,
                 probe.diagnostics,
             )?;
-            let grad_norm = match &g.grads {
-                Some(_) if self.detector.needs_grad_norm() => {
-                    Some(global_grad_norm(&self.model, &g)?)
-                }
+            let norms = match &g.grads {
+                Some(_) if self.detector.needs_grad_norm() => Some(self.observed_norms(&g)?),
                 _ => None,
             };
+            let grad_norm = norms.as_ref().map(|(global, _)| *global);
             self.final_train_loss = Some(g.loss);
+            let seen = Observation {
+                loss: g.loss,
+                grad_norm,
+                layer_grad_norms: norms.as_ref().map(|(_, layers)| layers.as_slice()),
+            };
             // A non-finite loss has no gradients: the run cannot go on, whatever the rules say.
-            let verdict = self.detector.observe(step, g.loss, grad_norm).or_else(|| {
-                (!g.loss.is_finite()).then_some(Verdict {
-                    rule: crate::divergence::Rule::NonFiniteLoss,
-                    step,
-                    onset_step: step,
-                })
+            let verdict = self.detector.observe(step, seen).or_else(|| {
+                (!g.loss.is_finite()).then(|| Verdict::new(Rule::NonFiniteLoss, step, step))
             });
             if probe.measure || verdict.is_some() {
                 record_batch(&mut record, &g, &y, lr)?;
@@ -376,15 +574,19 @@ impl Trainer {
                 }
             }
             self.note_recovery(step);
-            if let Some(verdict) = verdict {
+            if let Some(mut verdict) = verdict {
                 record.push("diverged", 1.0);
-                let first = self.divergence.is_none();
-                self.divergence.get_or_insert(verdict);
-                if first {
+                if self.divergence.is_none() {
+                    if verdict.rule == Rule::DeadLayer {
+                        self.dead_layers(&x, &mut verdict, &mut record)?;
+                    }
+                    let line = verdict.describe();
                     console.note(&format!(
-                        "step {step}: diverging ({:?} since step {}, loss {:.4})",
-                        verdict.rule, verdict.onset_step, g.loss
+                        "step {step}: diverging: {line}, loss {:.4}",
+                        g.loss
                     ));
+                    sinks.text(step, "divergence", &line)?;
+                    self.divergence = Some(verdict);
                 }
                 let can_go_on = g.loss.is_finite() && grad_norm.is_none_or(f64::is_finite);
                 if config.divergence.action != DivergenceAction::Continue || !can_go_on {
@@ -527,9 +729,9 @@ impl Trainer {
             steps: self.step,
             start_step: self.start_step,
             diverged: self.divergence.is_some(),
-            diverged_at_step: self.divergence.map(|v| v.step),
+            diverged_at_step: self.divergence.as_ref().map(|v| v.step),
             best_smoothed_train_loss: self.detector.state.best_smoothed,
-            divergence: self.divergence,
+            divergence: self.divergence.clone(),
             final_train_loss: self.final_train_loss.filter(|l| l.is_finite()),
             final_val_loss: self.best.last_loss,
             final_val_accuracy: self.best.last_accuracy,
@@ -546,24 +748,46 @@ impl Trainer {
             classes: self.data.classes,
             batch_size,
             rescue: self.rescue.clone(),
+            rescued_by: Vec::new(),
         }
     }
 }
 
+/// A layer counts as dead or saturated when this share of its units is.
+const DEAD_LAYER_FRACTION: f64 = 0.99;
+
+/// The model's layers (parameters grouped by the name before the first dot:
+/// `fc1`, `conv1`, `bn1`) and each parameter's layer.
+fn layers_of(model: &Model) -> (Vec<String>, Vec<usize>) {
+    let mut layers: Vec<String> = Vec::new();
+    let mut of_param = Vec::new();
+    for param in model.params() {
+        let layer = param.name.split('.').next().unwrap_or(&param.name);
+        let index = match layers.iter().position(|l| l == layer) {
+            Some(index) => index,
+            None => {
+                layers.push(layer.to_string());
+                layers.len() - 1
+            }
+        };
+        of_param.push(index);
+    }
+    (layers, of_param)
+}
+
 /// The newest checkpoint in `checkpoints` taken before step `before` while
-/// training was still healthy (see [`Detector::is_healthy`]): where a rescue starts.
-pub fn healthy_checkpoint(
-    config: &Config,
-    checkpoints: &std::path::Path,
-    before: u64,
-) -> Option<u64> {
+/// training was still healthy (see [`Detector::is_healthy`]): where a rescue
+/// starts when no snapshot in memory is.
+pub fn healthy_checkpoint(config: &Config, checkpoints: &Path, before: u64) -> Option<u64> {
     checkpoint::steps(checkpoints)
         .into_iter()
         .rev()
         .filter(|&step| step < before)
         .find(|&step| {
-            checkpoint::read_state::<TrainingState>(checkpoints, step)
-                .is_some_and(|state| Detector::new(&config.divergence, state.detector).is_healthy())
+            checkpoint::read_state::<TrainingState>(checkpoints, step).is_some_and(|state| {
+                // The layers and classes do not enter the health test.
+                Detector::new(&config.divergence, state.detector, Vec::new(), 2).is_healthy()
+            })
         })
 }
 
@@ -575,12 +799,13 @@ fn open_sinks(config: &Config, run_dir: &RunDir, start_step: u64) -> anyhow::Res
         .with_context(|| format!("cannot write {}", path.display()))?;
     let mut sinks = Sinks(vec![Box::new(jsonl)]);
     if config.log.tensorboard {
-        let tensorboard = TensorBoardSink::create(run_dir.path(), config).with_context(|| {
-            format!(
-                "cannot write TensorBoard events in {}",
-                run_dir.path().display()
-            )
-        })?;
+        let tensorboard = TensorBoardSink::create(run_dir.path(), config, start_step)
+            .with_context(|| {
+                format!(
+                    "cannot write TensorBoard events in {}",
+                    run_dir.path().display()
+                )
+            })?;
         sinks.0.push(Box::new(tensorboard));
     }
     Ok(sinks)

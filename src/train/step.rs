@@ -143,11 +143,11 @@ fn grad_store(params: &[Param], grads: Vec<Tensor>) -> candle_core::Result<GradS
     Ok(store)
 }
 
-/// The norm of all gradients together, ‖(g_1, …, g_n)‖ (non-finite if any
-/// gradient is), from the norms the backward pass took where it did.
-pub fn global_grad_norm(model: &Model, g: &Gradients) -> anyhow::Result<f64> {
+/// ‖g‖ of every parameter (in [`Model::params`] order): the norms the
+/// backward pass took where it did, else one norm per gradient.
+pub fn param_grad_norms(model: &Model, g: &Gradients) -> anyhow::Result<Vec<f32>> {
     let grads = g.grads.as_ref().expect("a finite loss has gradients");
-    let norms = match &g.grad_norms {
+    Ok(match &g.grad_norms {
         Some(norms) => norms.clone(),
         None => model
             .params()
@@ -159,12 +159,16 @@ pub fn global_grad_norm(model: &Model, g: &Gradients) -> anyhow::Result<f64> {
                 l2_norm(grad)?.to_scalar::<f32>()
             })
             .collect::<candle_core::Result<Vec<_>>>()?,
-    };
-    Ok(norms
-        .iter()
-        .map(|&n| (n as f64) * (n as f64))
+    })
+}
+
+/// The norm of norms taken together, ‖(g_1, …, g_n)‖ (non-finite if any is).
+pub fn norm_of(norms: impl IntoIterator<Item = f32>) -> f64 {
+    norms
+        .into_iter()
+        .map(|n| (n as f64) * (n as f64))
         .sum::<f64>()
-        .sqrt())
+        .sqrt()
 }
 
 /// The batch figures every logged step records.
