@@ -199,7 +199,7 @@ pub fn climb(
         let (next_dir, next_trainer, next) = run_one(&dir, &last, config, &start, fix, options)?;
         last_config = next_trainer.config().clone();
         attempts.push(RescueAttempt {
-            run: next_dir.path().display().to_string(),
+            run: dir_name(next_dir.path()),
             rung: next.rescue.as_ref().and_then(|r| r.rung),
             from_step: start.step(),
             recovered: next.rescue.as_ref().is_some_and(|r| r.recovered),
@@ -259,7 +259,7 @@ pub fn from_disk(
     let (dir, _, next) = run_one(run_dir, summary, &config, &start, fix, options)?;
     let mut attempts = summary.rescued_by.clone();
     attempts.push(RescueAttempt {
-        run: dir.path().display().to_string(),
+        run: dir_name(dir.path()),
         rung: None,
         from_step: step,
         recovered: next.rescue.as_ref().is_some_and(|r| r.recovered),
@@ -336,6 +336,14 @@ fn root_name(path: &Path) -> String {
         Some(at) if at > 0 => name[..at].to_string(),
         _ => name,
     }
+}
+
+/// A rescue run's directory name (a sibling of the diverged run's).
+fn dir_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// Writes the rescues tried into the diverged run's summary.json.

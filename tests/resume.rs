@@ -315,3 +315,74 @@ fn damaged_or_missing_checkpoints_are_refused_with_exit_2() {
     let out = larslab(d, &["train", "--resume", "runs/nowhere"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_blow_up_in_the_first_steps_is_caught_named_and_rescued_by_the_ladder_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Momentum SGD at lr 60 on MNIST-like digits: the loss passes 2·ln 10 within
+    // a few steps. No checkpoints but the final one: the rescue must start from
+    // an in-memory snapshot.
+    let broken = [
+        "--set",
+        "data.kind=mnist-like",
+        "--set",
+        "optimizer.lr=60",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "divergence.action=rescue",
+    ];
+    let out = ok(larslab(d, &args("lr60", "train.steps=200", &broken)));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let s = summary(&d.join("runs/lr60"));
+    assert_eq!(s["status"], "diverged", "{stdout}");
+    let v = &s["divergence"];
+    assert_eq!(v["rule"], "loss_explosion", "{v}");
+    assert!(v["step"].as_u64().unwrap() <= 15, "{v}");
+    let layer = v["layer"].as_str().expect("a layer is named");
+    assert!(layer.starts_with("fc"), "{v}");
+    assert!(stdout.contains(&format!("first in {layer}")), "{stdout}");
+
+    // The ladder's rungs are recorded in the diverged run's summary, in order;
+    // the last one recovered and finished.
+    let tried = s["rescued_by"].as_array().expect("rescues recorded");
+    assert!(!tried.is_empty());
+    let last = tried.last().unwrap();
+    assert_eq!(last["recovered"], true, "{tried:?}");
+    let rescue_dir = last["run"].as_str().unwrap();
+    let r = summary(&d.join("runs").join(rescue_dir));
+    assert_eq!(r["status"], "finished");
+    assert_eq!(r["steps"], 200);
+    assert_eq!(r["rescue"]["from_snapshot"], true);
+    assert!(r["rescue"]["rung"].is_string(), "{}", r["rescue"]);
+    assert!(
+        r["rescue"]["from_step"].as_u64().unwrap() < v["onset_step"].as_u64().unwrap(),
+        "{}",
+        r["rescue"]
+    );
+    // Every rung but a first-steps `skip_batches` changes a setting.
+    assert!(!r["rescue"]["overrides"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_rescue_needs_a_healthy_state_from_before_the_onset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Non-finite from the first step: no state before the onset to start from.
+    let broken = [
+        "--set",
+        "model.init_scale=1e30",
+        "--set",
+        "model.init=normal",
+        "--set",
+        "divergence.action=rescue",
+    ];
+    let out = ok(larslab(d, &args("hopeless", "train.steps=50", &broken)));
+    let s = summary(&d.join("runs/hopeless"));
+    assert_eq!(s["status"], "diverged");
+    assert_eq!(s["divergence"]["onset_step"], 0);
+    assert!(s.get("rescued_by").is_none(), "{s}");
+    assert!(!d.join("runs/hopeless.rescue-1").exists());
+    let _ = out;
+}

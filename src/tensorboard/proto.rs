@@ -28,7 +28,7 @@ pub struct Event {
     #[prost(int64, tag = "2")]
     pub step: i64,
     /// The `what` oneof (only `file_version`, `summary` and `session_log` are declared).
-    #[prost(oneof = "event::What", tags = "3, 5, 6")]
+    #[prost(oneof = "event::What", tags = "3, 5, 7")]
     pub what: Option<event::What>,
 }
 
@@ -43,8 +43,8 @@ pub mod event {
         /// `Summary summary = 5`.
         #[prost(message, tag = "5")]
         Summary(super::Summary),
-        /// `SessionLog session_log = 6`.
-        #[prost(message, tag = "6")]
+        /// `SessionLog session_log = 7`.
+        #[prost(message, tag = "7")]
         SessionLog(super::SessionLog),
     }
 }

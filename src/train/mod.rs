@@ -158,7 +158,7 @@ impl Summary {
 /// One rescue tried after a divergence, as the diverged run's summary lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RescueAttempt {
-    /// The rescue run's directory.
+    /// The rescue run's directory, a sibling of this run's.
     pub run: String,
     pub rung: Option<Rung>,
     pub from_step: u64,

@@ -4,7 +4,9 @@
 Usage: check_run.py RUN_DIR [RUN_DIR ...]
 
 For each run: every metrics.jsonl tag is a TensorBoard scalar with the same
-steps and the same values (as f32; non-finite values are absent and the step
+steps and the same values (for a run resumed from an older checkpoint, the
+steps its first process logged past that checkpoint are purged by the
+SessionLog START the resumed process writes, so no step appears twice) (as f32; non-finite values are absent and the step
 carries `diverged` = 1); parameter and gradient histograms parse and count
 their tensors' elements; the config text, the hparams experiment, session
 start and end, and the custom-scalars layout parse with the plugins' own
@@ -26,6 +28,11 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.util import tensor_util
 
 PER_LAYER = ["grad_norm", "weight_norm", "trust_ratio", "lr_eff", "update_ratio"]
+
+
+def event_files(run):
+    """A resumed run writes one event file per process; each starts with the config and layout."""
+    return sum(1 for f in os.listdir(run) if f.startswith("events.out.tfevents."))
 
 
 def load(run):
@@ -75,8 +82,9 @@ def check_text(acc, run):
     md = acc.SummaryMetadata("config")
     assert md.plugin_data.plugin_name == text_metadata.PLUGIN_NAME
     text_metadata.parse_plugin_metadata(md.plugin_data.content)
-    (event,) = acc.Tensors("config")
-    assert event.step == 0
+    events = acc.Tensors("config")
+    assert len(events) == event_files(run), f"{len(events)} config texts"
+    event = events[-1]
     text = tensor_util.make_ndarray(event.tensor_proto).item().decode()
     for line in open(os.path.join(run, "config.toml")).read().splitlines():
         assert line in text, f"config line {line!r} not in the text summary"
@@ -101,8 +109,10 @@ def check_hparams(acc, run):
     return start
 
 
-def check_layout(acc):
-    (event,) = acc.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)
+def check_layout(acc, run):
+    events = acc.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)
+    assert len(events) == event_files(run), f"{len(events)} layouts"
+    event = events[-1]
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     for metric in PER_LAYER:
@@ -117,7 +127,7 @@ def main(runs):
         n_hist = check_histograms(acc, run)
         check_text(acc, run)
         start = check_hparams(acc, run)
-        n_charts = check_layout(acc)
+        n_charts = check_layout(acc, run)
         print(f"{run}: {n_tags} scalar tags, {n_values} values equal to metrics.jsonl, "
               f"{n_hist} histogram tags, config text, {len(start.hparams)} hparams "
               f"(group {start.group_name}), {n_charts} custom-scalar charts: OK")
