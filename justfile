@@ -62,3 +62,8 @@ cnn-bn:
     cargo run --release -- sweep --config experiments/cnn-bn-large-batch.toml
     cargo run --release -- sweep --config experiments/cnn-bn-large-batch.toml --name cnn-bn-small-batch --set data.batch_size=128 --set optimizer.lr=0.1 --set train.steps=1560
     cargo run --release -- compare runs/cnn-bn-large-batch-sweep runs/cnn-bn-small-batch --sort final_val_accuracy
+
+# The divergence detector's cases on MNIST t10k (broken runs flagged early, healthy ones not); --rescue: the ladder
+divergence-cases *args="":
+    cargo build --release
+    python3 bench/divergence_cases.py {{args}}
