@@ -1,25 +1,26 @@
 //! `larslab bench`: training-step throughput of fixed cases.
 //!
-//! Each case times the same `train_step` the trainer runs, on one fixed
-//! random batch (so the data pipeline is not measured): a warm-up, then the
-//! median over several repeats of a block of steps. Achieved GFLOP/s counts
+//! Each case times [`Trainer::train_step`], the very step `larslab train`
+//! runs (next batch, forward and backward, the divergence detector, the
+//! optimizer, the measurements), on one full batch of generated digits: a
+//! warm-up, then the median over several repeats of a block of steps. Achieved GFLOP/s counts
 //! 6 × multiply-adds × batch per step (forward 2 FLOPs, backward 4 per
 //! multiply-add and sample): 6 × parameters × batch for dense layers, the
 //! usual estimate; a kernel's weights count once per output position.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use rand::Rng as _;
 use serde::Serialize;
 
-use crate::config::{ModelConfig, ModelKind, OptimizerConfig, OptimizerKind};
+use crate::config::{
+    Config, DataConfig, DataKind, DivergenceAction, ModelConfig, ModelKind, OptimizerConfig,
+    OptimizerKind, ScheduleKind,
+};
 use crate::error::UserError;
-use crate::model::Model;
-use crate::optim::Optimizer;
-use crate::rng::{self, Stream};
+use crate::optim::schedule::Schedule;
 use crate::sinks::Record;
-use crate::train::step::{Probe, train_step};
+use crate::train::step::Probe;
+use crate::train::{StepPlan, Trainer};
 
 /// A benchmark case: a model shape and a batch size.
 #[derive(Debug, Clone, Copy)]
@@ -75,13 +76,35 @@ impl Case {
         }
     }
 
-    fn sample_shape(&self) -> Vec<usize> {
-        if self.conv.is_empty() {
-            vec![self.inputs]
-        } else {
-            let side = self.inputs.isqrt();
-            vec![side, side]
-        }
+    /// A run of this case with `kind`: one full batch of generated digits,
+    /// a constant rate, no evaluation; the detector on, as in every run (a
+    /// verdict does not stop the steps).
+    fn config(&self, kind: OptimizerKind) -> std::result::Result<Config, UserError> {
+        let mut config = Config {
+            name: self.name.into(),
+            data: DataConfig {
+                kind: DataKind::MnistLike,
+                n_train: self.batch,
+                n_test: 0,
+                val_fraction: 0.0,
+                batch_size: self.batch,
+                classes: self.classes,
+                ..DataConfig::default()
+            },
+            model: self.model_config(),
+            optimizer: OptimizerConfig {
+                kind,
+                lr: 0.01,
+                ..OptimizerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.schedule.kind = ScheduleKind::Constant;
+        config.schedule.warmup_steps = 0;
+        config.divergence.action = DivergenceAction::Continue;
+        config.log.tensorboard = false;
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -141,48 +164,25 @@ pub fn select(name: Option<&str>) -> std::result::Result<Vec<Case>, UserError> {
     }
 }
 
-/// One configuration under test: its own model, optimizer and batch.
+/// One configuration under test: a trainer of its own, on one full batch.
 struct Setup {
     kind: OptimizerKind,
     measurements: bool,
-    model: Model,
-    optimizer: Optimizer,
-    x: Tensor,
-    y: Tensor,
-    dropout_rng: crate::rng::Rng,
+    trainer: Trainer,
+    schedule: Schedule,
     steps_done: usize,
     rates: Vec<f64>,
 }
 
 impl Setup {
     fn new(case: &Case, kind: OptimizerKind, measurements: bool) -> anyhow::Result<Self> {
-        let device = Device::Cpu;
-        let model_config = case.model_config();
-        let mut data_rng = rng::stream(0, Stream::Data);
-        let x: Vec<f32> = (0..case.batch * case.inputs)
-            .map(|_| data_rng.random::<f32>())
-            .collect();
-        let y: Vec<u32> = (0..case.batch)
-            .map(|_| data_rng.random_range(0..case.classes as u32))
-            .collect();
+        let config = case.config(kind)?;
+        let trainer = Trainer::new(&config)?;
         Ok(Self {
             kind,
             measurements,
-            model: Model::new(
-                &model_config,
-                &case.sample_shape(),
-                case.classes,
-                0,
-                &device,
-            )?,
-            optimizer: Optimizer::new(&OptimizerConfig {
-                kind,
-                lr: 0.01,
-                ..OptimizerConfig::default()
-            }),
-            x: Tensor::from_vec(x, (case.batch, case.inputs), &device)?,
-            y: Tensor::from_vec(y, case.batch, &device)?,
-            dropout_rng: rng::stream(0, Stream::Dropout),
+            schedule: trainer.schedule(),
+            trainer,
             steps_done: 0,
             rates: Vec::new(),
         })
@@ -191,22 +191,17 @@ impl Setup {
     fn steps(&mut self, n: usize, measure_every: usize) -> anyhow::Result<()> {
         for _ in 0..n {
             let measure = self.measurements && self.steps_done.is_multiple_of(measure_every);
-            let probe = Probe {
-                measure,
-                histograms: false,
-                diagnostics: measure,
+            let plan = StepPlan {
+                evaluate: false,
+                probe: Probe {
+                    measure,
+                    histograms: false,
+                    diagnostics: measure,
+                },
+                spectra: false,
             };
             let mut record = Record::new(self.steps_done as u64);
-            let batch = (&self.x, &self.y);
-            train_step(
-                &self.model,
-                &mut self.optimizer,
-                batch,
-                0.01,
-                &mut self.dropout_rng,
-                &mut record,
-                probe,
-            )?;
+            self.trainer.train_step(&self.schedule, plan, &mut record)?;
             self.steps_done += 1;
         }
         Ok(())
@@ -241,13 +236,9 @@ pub fn run(
         .into_iter()
         .map(|mut setup| {
             let steps_per_sec = median(&mut setup.rates);
-            let parameters: usize = setup
-                .model
-                .params()
-                .iter()
-                .map(|p| p.tensor().elem_count())
-                .sum();
-            let flops_per_step = 6.0 * setup.model.multiply_adds() as f64 * case.batch as f64;
+            let parameters = setup.trainer.parameters();
+            let flops_per_step =
+                6.0 * setup.trainer.model().multiply_adds() as f64 * case.batch as f64;
             Result {
                 case: case.name.into(),
                 optimizer: format!("{:?}", setup.kind).to_lowercase(),

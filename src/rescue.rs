@@ -360,3 +360,81 @@ fn note(options: &RunOptions, line: &str) {
         eprintln!("{line}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::divergence::Rule;
+
+    fn config(kind: OptimizerKind, clip: bool) -> Config {
+        let mut config = Config::default();
+        config.optimizer.kind = kind;
+        config.optimizer.clip = clip;
+        config.optimizer.lr = 0.8;
+        config.train.steps = 500;
+        config
+    }
+
+    fn verdict(sudden: bool) -> Verdict {
+        Verdict {
+            sudden,
+            ..Verdict::new(Rule::LossExplosion, 100, 98)
+        }
+    }
+
+    fn keys(fix: &Fix) -> Vec<String> {
+        fix.overrides
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+
+    #[test]
+    fn skip_batches_applies_only_to_a_sudden_spike() {
+        let sgd = config(OptimizerKind::Sgd, false);
+        assert!(Fix::of(Rung::SkipBatches, &sgd, &verdict(false), 0.8).is_none());
+        let fix = Fix::of(Rung::SkipBatches, &sgd, &verdict(true), 0.8).unwrap();
+        assert!(fix.skip_batches && fix.overrides.is_empty());
+    }
+
+    #[test]
+    fn the_lars_rungs_apply_to_the_sgd_family_and_bound_the_biases() {
+        let sgd = config(OptimizerKind::Sgd, false);
+        let fix = Fix::of(Rung::LarcClip, &sgd, &verdict(false), 0.8).unwrap();
+        assert_eq!(
+            keys(&fix),
+            [
+                "optimizer.kind=\"lars\"",
+                "optimizer.clip=true",
+                "optimizer.exclude_1d=false"
+            ]
+        );
+        let larc = config(OptimizerKind::Lars, true);
+        assert!(Fix::of(Rung::LarcClip, &larc, &verdict(false), 0.8).is_none());
+        assert!(Fix::of(Rung::LarsPoly, &larc, &verdict(false), 0.8).is_some());
+        for adam in [OptimizerKind::Adamw, OptimizerKind::Lamb] {
+            let c = config(adam, false);
+            assert!(Fix::of(Rung::LarcClip, &c, &verdict(false), 0.8).is_none());
+            assert!(Fix::of(Rung::LarsPoly, &c, &verdict(false), 0.8).is_none());
+        }
+    }
+
+    #[test]
+    fn lower_lr_divides_the_last_rate_and_warms_up_again() {
+        let sgd = config(OptimizerKind::Sgd, false);
+        let fix = Fix::of(Rung::LowerLr, &sgd, &verdict(false), 0.08).unwrap();
+        assert_eq!(fix.overrides[0].0, "optimizer.lr");
+        let lr = fix.overrides[0].1.as_float().unwrap();
+        assert!((lr - 0.008).abs() < 1e-12, "{lr}");
+        // 402 steps remain after the onset at 98: a tenth of them.
+        assert_eq!(fix.rewarm_steps, 40);
+        let fixed = sgd.overridden(&fix.overrides, "the rescue").unwrap();
+        assert!((fixed.optimizer.lr - 0.008).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_chain_of_rescues_is_named_after_the_first_run() {
+        assert_eq!(root_name(Path::new("runs/x.rescue-2")), "x");
+        assert_eq!(root_name(Path::new("runs/x")), "x");
+    }
+}

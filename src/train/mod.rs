@@ -214,6 +214,29 @@ pub struct Trainer {
     healthy_snapshots: VecDeque<Snapshot>,
 }
 
+/// What one step does besides training.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepPlan {
+    /// Evaluate on the validation split before the step.
+    pub evaluate: bool,
+    /// The measurements taken during the step.
+    pub probe: Probe,
+    /// Singular values of every weight matrix.
+    pub spectra: bool,
+}
+
+/// How a step ended.
+#[derive(Debug, Default)]
+pub struct StepDone {
+    /// The divergence flagged at this step, in words (the first one only).
+    pub diverging: Option<String>,
+    /// The run must stop: diverging with `action` other than `continue`, or
+    /// nothing left to differentiate. No update was made.
+    pub stopped: bool,
+    /// Parameter and gradient values for the histograms the plan asked for.
+    pub histograms: Vec<(String, Vec<f32>)>,
+}
+
 /// A training state held in memory: exactly what a checkpoint holds.
 pub type Snapshot = Checkpoint<TrainingState>;
 
@@ -500,9 +523,7 @@ impl Trainer {
         run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
         let mut sinks = open_sinks(&config, run_dir, self.step)?;
         let mut console = Console::new(options.quiet, t.steps);
-        let schedule = Schedule::new(&config.schedule, config.optimizer.lr, t.steps);
-        let histogram_every = config.log.histogram_every;
-        let spectrum_every = config.diagnostics.spectrum_every;
+        let schedule = self.schedule();
         self.announce(&console, run_dir);
         if t.checkpoint_every > 0 || config.divergence.action == DivergenceAction::Rescue {
             self.save_checkpoint(run_dir, None)?;
@@ -519,10 +540,10 @@ impl Trainer {
                 ));
                 break;
             }
-            let step = self.step;
             self.keep_snapshot()?;
-            let mut record = Record::new(step);
-            if step.is_multiple_of(t.eval_every) {
+            let plan = self.plan();
+            let mut record = Record::new(self.step);
+            if plan.evaluate {
                 evaluate(
                     &self.model,
                     self.data.val.as_ref(),
@@ -532,96 +553,22 @@ impl Trainer {
                 )?;
                 sinks.flush()?;
             }
-            let lr = self.lr_at(&schedule, step);
-            let every = |n: u64| n > 0 && step.is_multiple_of(n);
-            let probe = Probe {
-                measure: step.is_multiple_of(t.log_every),
-                histograms: every(histogram_every),
-                diagnostics: every(config.diagnostics.every),
-            };
-            let (x, y) = self
-                .data
-                .train
-                .batch(self.batcher.next_batch(), &self.device)?;
-            let g = forward_backward(
-                &self.model,
-                (&x, &y),
-                &mut self.dropout_rng,
-                probe.diagnostics,
-            )?;
-            let norms = match &g.grads {
-                Some(_) if self.detector.needs_grad_norm() => Some(self.observed_norms(&g)?),
-                _ => None,
-            };
-            let grad_norm = norms.as_ref().map(|(global, _)| *global);
-            self.final_train_loss = Some(g.loss);
-            let seen = Observation {
-                loss: g.loss,
-                grad_norm,
-                layer_grad_norms: norms.as_ref().map(|(_, layers)| layers.as_slice()),
-            };
-            // A non-finite loss has no gradients: the run cannot go on, whatever the rules say.
-            let verdict = self.detector.observe(step, seen).or_else(|| {
-                (!g.loss.is_finite()).then(|| Verdict::new(Rule::NonFiniteLoss, step, step))
-            });
-            if probe.measure || verdict.is_some() {
-                record_batch(&mut record, &g, &y, lr)?;
-                if let Some(smoothed) = self.detector.smoothed_loss() {
-                    record.push("loss/smoothed", smoothed);
-                }
-                if let Some(norm) = grad_norm {
-                    record.push("grad_norm/global", norm);
-                }
+            let done = self.train_step(&schedule, plan, &mut record)?;
+            if let Some(line) = &done.diverging {
+                console.note(&format!("step {}: diverging: {line}", record.step));
+                sinks.text(record.step, "divergence", line)?;
             }
-            self.note_recovery(step);
-            if let Some(mut verdict) = verdict {
-                record.push("diverged", 1.0);
-                if self.divergence.is_none() {
-                    if verdict.rule == Rule::DeadLayer {
-                        self.dead_layers(&x, &mut verdict, &mut record)?;
-                    }
-                    let line = verdict.describe();
-                    console.note(&format!(
-                        "step {step}: diverging: {line}, loss {:.4}",
-                        g.loss
-                    ));
-                    sinks.text(step, "divergence", &line)?;
-                    self.divergence = Some(verdict);
-                }
-                let can_go_on = g.loss.is_finite() && grad_norm.is_none_or(f64::is_finite);
-                if config.divergence.action != DivergenceAction::Continue || !can_go_on {
-                    sinks.write(&record)?;
-                    status = Status::Diverged;
-                    break;
-                }
+            if done.stopped {
+                sinks.write(&record)?;
+                status = Status::Diverged;
+                break;
             }
-            let grads = g.grads.as_ref().expect("a finite loss has gradients");
-            if let Some(trace) = &g.trace {
-                layer_stats(&self.model, trace, &mut record)?;
-            }
-            if every(spectrum_every) {
-                spectra(self.model.params(), &mut record)?;
-            }
-            let histograms = apply_update(
-                &self.model,
-                &mut self.optimizer,
-                grads,
-                g.grad_norms.as_deref(),
-                lr,
-                &mut record,
-                probe,
-            )?;
-            sinks.histograms(step, &histograms)?;
-            self.step = step + 1;
-            if record.values.iter().any(|(_, v)| !v.is_finite()) && record.get("diverged").is_none()
-            {
-                record.push("diverged", 1.0);
-            }
+            sinks.histograms(record.step, &done.histograms)?;
             if !record.is_empty() {
                 sinks.write(&record)?;
             }
-            let done = self.step - self.start_step;
-            let samples_per_sec = done as f64 * self.batcher.batch_size() as f64
+            let steps_done = self.step - self.start_step;
+            let samples_per_sec = steps_done as f64 * self.batcher.batch_size() as f64
                 / train_clock.elapsed().as_secs_f64().max(1e-9);
             console.progress(&record, samples_per_sec, false);
             if t.checkpoint_every > 0
@@ -667,6 +614,115 @@ impl Trainer {
         Ok(summary)
     }
 
+    /// The rate schedule over the whole run.
+    pub fn schedule(&self) -> Schedule {
+        let c = &self.config;
+        Schedule::new(&c.schedule, c.optimizer.lr, c.train.steps)
+    }
+
+    /// What the current step does besides training, from the config's intervals.
+    pub fn plan(&self) -> StepPlan {
+        let step = self.step;
+        let c = &self.config;
+        let every = |n: u64| n > 0 && step.is_multiple_of(n);
+        StepPlan {
+            evaluate: step.is_multiple_of(c.train.eval_every),
+            probe: Probe {
+                measure: step.is_multiple_of(c.train.log_every),
+                histograms: every(c.log.histogram_every),
+                diagnostics: every(c.diagnostics.every),
+            },
+            spectra: every(c.diagnostics.spectrum_every),
+        }
+    }
+
+    /// One update, the same for `larslab train` and `larslab bench`: the next
+    /// batch → forward and backward → the detector → (unless the run must
+    /// stop) the instruments and the optimizer step, whose measurements go
+    /// into `record`.
+    pub fn train_step(
+        &mut self,
+        schedule: &Schedule,
+        plan: StepPlan,
+        record: &mut Record,
+    ) -> anyhow::Result<StepDone> {
+        let step = self.step;
+        let lr = self.lr_at(schedule, step);
+        let probe = plan.probe;
+        let (x, y) = self
+            .data
+            .train
+            .batch(self.batcher.next_batch(), &self.device)?;
+        let g = forward_backward(
+            &self.model,
+            (&x, &y),
+            &mut self.dropout_rng,
+            probe.diagnostics,
+        )?;
+        let norms = match &g.grads {
+            Some(_) if self.detector.needs_grad_norm() => Some(self.observed_norms(&g)?),
+            _ => None,
+        };
+        let grad_norm = norms.as_ref().map(|(global, _)| *global);
+        self.final_train_loss = Some(g.loss);
+        let seen = Observation {
+            loss: g.loss,
+            grad_norm,
+            layer_grad_norms: norms.as_ref().map(|(_, layers)| layers.as_slice()),
+        };
+        // A non-finite loss has no gradients: the run cannot go on, whatever the rules say.
+        let verdict = self.detector.observe(step, seen).or_else(|| {
+            (!g.loss.is_finite()).then(|| Verdict::new(Rule::NonFiniteLoss, step, step))
+        });
+        if probe.measure || verdict.is_some() {
+            record_batch(record, &g, &y, lr)?;
+            if let Some(smoothed) = self.detector.smoothed_loss() {
+                record.push("loss/smoothed", smoothed);
+            }
+            if let Some(norm) = grad_norm {
+                record.push("grad_norm/global", norm);
+            }
+        }
+        self.note_recovery(step);
+        let mut done = StepDone::default();
+        if let Some(mut verdict) = verdict {
+            record.push("diverged", 1.0);
+            if self.divergence.is_none() {
+                if verdict.rule == Rule::DeadLayer {
+                    self.dead_layers(&x, &mut verdict, record)?;
+                }
+                done.diverging = Some(format!("{}, loss {:.4}", verdict.describe(), g.loss));
+                self.divergence = Some(verdict);
+            }
+            let can_go_on = g.loss.is_finite() && grad_norm.is_none_or(f64::is_finite);
+            if self.config.divergence.action != DivergenceAction::Continue || !can_go_on {
+                done.stopped = true;
+                return Ok(done);
+            }
+        }
+        let grads = g.grads.as_ref().expect("a finite loss has gradients");
+        if let Some(trace) = &g.trace {
+            layer_stats(&self.model, trace, record)?;
+        }
+        if plan.spectra {
+            spectra(self.model.params(), record)?;
+        }
+        done.histograms = apply_update(
+            &self.model,
+            &mut self.optimizer,
+            grads,
+            g.grad_norms.as_deref(),
+            lr,
+            record,
+            probe,
+        )?;
+        self.step = step + 1;
+        if record.values.iter().any(|(_, v)| !v.is_finite()) && record.get("diverged").is_none() {
+            record.push("diverged", 1.0);
+        }
+        Ok(done)
+    }
+
     /// For a rescue run: the first step at which the smoothed loss is back
     /// under the diverged run's best, if within `divergence.recover_within`.
     fn note_recovery(&mut self, step: u64) {
@@ -706,7 +762,11 @@ impl Trainer {
         ));
     }
 
-    fn parameters(&self) -> usize {
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn parameters(&self) -> usize {
         self.model
             .params()
             .iter()

@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
-use crate::diagnostics::{layer_stats, step_measurements};
+use crate::diagnostics::step_measurements;
 use crate::model::{Model, Param, Trace, backward, fused};
 use crate::ops::l2_norm;
 use crate::optim::Optimizer;
@@ -216,31 +216,6 @@ pub fn apply_update(
         step_measurements(params, grads, grad_norms, &steps, lr, record)?;
     }
     Ok(histograms)
-}
-
-/// One whole update as the benchmark times it: forward, backward, step.
-/// Returns the loss; a non-finite loss leaves the parameters untouched.
-pub fn train_step(
-    model: &Model,
-    optimizer: &mut Optimizer,
-    batch: (&Tensor, &Tensor),
-    lr: f64,
-    dropout_rng: &mut Rng,
-    record: &mut Record,
-    probe: Probe,
-) -> anyhow::Result<f64> {
-    let g = forward_backward(model, batch, dropout_rng, probe.diagnostics)?;
-    if probe.measure {
-        record_batch(record, &g, batch.1, lr)?;
-    }
-    if let Some(grads) = &g.grads {
-        if let Some(trace) = &g.trace {
-            layer_stats(model, trace, record)?;
-        }
-        let norms = g.grad_norms.as_deref();
-        apply_update(model, optimizer, grads, norms, lr, record, probe)?;
-    }
-    Ok(g.loss)
 }
 
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
