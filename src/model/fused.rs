@@ -19,14 +19,15 @@
 //! Tested against that module and against candle's autograd
 //! (tests/explicit_backward.rs).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor, bail};
-use rayon::prelude::*;
 
 use super::activation::{self, Pointwise};
 use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
+use crate::ops::disjoint::{Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_from};
 use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, Panels, Side, Source, sgemm, sgemm_then};
 use crate::ops::{F32View, sum_of_squares, wide};
 use crate::rng::Rng;
@@ -258,17 +259,17 @@ impl Dense<'_> {
             fan_in,
         } = self;
         let len = n * out;
-        let mut preact = (!hidden || trace || A::SLOPE_READS_Z).then(Vec::new);
-        let mut act = hidden.then(Vec::new);
-        let mut masked = mask.as_ref().map(|_| Vec::new());
+        let mut preact = (!hidden || trace || A::SLOPE_READS_Z).then(|| Uninit::new(len));
+        let mut act = hidden.then(|| Uninit::new(len));
+        let mut masked = mask.as_ref().map(|_| Uninit::new(len));
         let x_ahead = packed_ahead(shares_columns(out), Side::A, (n, fan_in), x);
         pack_in_parts([x_ahead.as_ref()]);
         {
-            let z = preact.as_mut().map(|z| Shared::room(z, len));
-            let h = act.as_mut().map(|a| Shared::room(a, len));
+            let z = preact.as_mut().map(Uninit::parts);
+            let h = act.as_mut().map(Uninit::parts);
             // The product writes z where it is kept, else straight into h.
             let product = z.as_ref().or(h.as_ref()).expect("a layer keeps z or h");
-            let hm = masked.as_mut().map(|m| Shared::room(m, len));
+            let hm = masked.as_mut().map(Uninit::parts);
             let mask = mask.as_deref();
             in_blocks((n, out), |rows, cols| {
                 wide(
@@ -288,31 +289,44 @@ impl Dense<'_> {
                                         #[inline(always)]
                                         |span| {
                                             let b = &b[span.start - r * out..span.end - r * out];
-                                            // SAFETY: each part touches only its own block.
-                                            let z = z
-                                                .as_ref()
-                                                .map(|z| unsafe { z.slice(span.clone()) });
-                                            let h = h
-                                                .as_ref()
-                                                .map(|h| unsafe { h.slice(span.clone()) });
+                                            // SAFETY: each part touches only its own
+                                            // block, which the product has written (z,
+                                            // or h where z is not kept); h after z and
+                                            // h ⊙ mask are written here, once.
+                                            let out = match (&z, &h) {
+                                                (Some(z), h) => Output::Kept {
+                                                    z: unsafe { z.written(span.clone()) },
+                                                    h: h.as_ref()
+                                                        .map(|h| unsafe { h.write(span.clone()) }),
+                                                },
+                                                (None, Some(h)) => Output::InPlace(unsafe {
+                                                    h.written(span.clone())
+                                                }),
+                                                (None, None) => return,
+                                            };
                                             let masked = hm.as_ref().zip(mask).map(|(hm, mask)| {
                                                 (
-                                                    unsafe { hm.slice(span.clone()) },
+                                                    unsafe { hm.write(span.clone()) },
                                                     &mask[span.clone()],
                                                 )
                                             });
-                                            forward_piece(phi, b, z, h, masked);
+                                            forward_piece(phi, b, out, masked);
                                         },
                                     );
                                 }
                             },
                         );
-                        // SAFETY: the parts' blocks are disjoint; every buffer
-                        // holds n·out values and W out·fan_in.
+                        // SAFETY: the parts' blocks are disjoint, the product
+                        // writes all of its block before `finish` reads it, and
+                        // W holds out·fan_in values.
                         unsafe {
                             product_then(
                                 (rows.len(), cols.len(), fan_in),
-                                product.at(rows.start * out + cols.start),
+                                product.block(
+                                    rows.start * out + cols.start,
+                                    (rows.len(), cols.len()),
+                                    out,
+                                ),
                                 out,
                                 source(&x_ahead, &x[rows.start * fan_in..], fan_in),
                                 Operand::columns(w.as_ptr().add(cols.start * fan_in), fan_in),
@@ -325,18 +339,11 @@ impl Dense<'_> {
         }
         // SAFETY: the parts wrote every value: z by the product, h and
         // h ⊙ mask from it, each over its block.
-        unsafe {
-            for v in [preact.as_mut(), act.as_mut(), masked.as_mut()]
-                .into_iter()
-                .flatten()
-            {
-                v.set_len(len);
-            }
-        }
+        let written = |v: Option<Uninit<f32>>| v.map(|v| unsafe { v.assume_init() });
         Forward {
-            preact,
-            act,
-            dropout: mask.zip(masked),
+            preact: written(preact),
+            act: written(act),
+            dropout: mask.zip(written(masked)),
         }
     }
 
@@ -357,11 +364,11 @@ impl Dense<'_> {
             fan_in,
             ..
         } = self;
-        let mut weight = Vec::new();
+        let mut weight = Uninit::new(out * fan_in);
         let summed = delta_sums.is_some();
         let mut bias = delta_sums.unwrap_or_else(|| vec![0f32; out]);
         let mut row_squares = vec![0f64; out];
-        let mut upstream = below.map(|_| Vec::new());
+        let mut upstream = below.map(|_| Uninit::new(n * fan_in));
         let mut upstream_sums = below.map(|_| vec![0f32; fan_in]);
         // The parts split ∂W by rows (units) where there are enough of them, by
         // columns where there are not (the output layer).
@@ -370,16 +377,16 @@ impl Dense<'_> {
         let delta_ahead = packed_ahead(below.is_some(), Side::A, (n, out), delta);
         pack_in_parts([x_ahead.as_ref(), delta_ahead.as_ref()]);
         {
-            let dw = Shared::room(&mut weight, out * fan_in);
-            let db = Shared::new(&mut bias);
-            let squares = Shared::new(&mut row_squares);
-            let du = upstream.as_mut().map(|u| Shared::room(u, n * fan_in));
-            let du_sums = upstream_sums.as_mut().map(|s| Shared::new(s));
+            let dw = weight.parts();
+            let db = Disjoint::new(&mut bias);
+            let squares = Disjoint::new(&mut row_squares);
+            let du = upstream.as_mut().map(Uninit::parts);
+            let du_sums = upstream_sums.as_deref_mut().map(Disjoint::new);
             // ∂b where the layer above did not sum it: δ's column sums, row
             // after row, as the dX epilogue below sums them.
             let bias_of = |units: Range<usize>| {
                 // SAFETY: the caller owns these units.
-                let db = unsafe { db.slice(units.clone()) };
+                let db = unsafe { db.written(units.clone()) };
                 for row in delta.chunks_exact(out) {
                     for (db, d) in db.iter_mut().zip(&row[units.clone()]) {
                         *db += d;
@@ -392,8 +399,8 @@ impl Dense<'_> {
             let add_squares = |rows: Range<usize>, cols: Range<usize>| {
                 for u in rows {
                     // SAFETY: the caller owns these rows of ∂W, whose `cols` are final.
-                    let row = unsafe { dw.slice(u * fan_in + cols.start..u * fan_in + cols.end) };
-                    let sq = unsafe { &mut squares.slice(u..u + 1)[0] };
+                    let row = unsafe { dw.written(u * fan_in + cols.start..u * fan_in + cols.end) };
+                    let sq = unsafe { &mut squares.written(u..u + 1)[0] };
                     for piece in row.chunks(SQUARED_PIECE) {
                         *sq += sum_of_squares(piece);
                     }
@@ -424,7 +431,11 @@ impl Dense<'_> {
                         unsafe {
                             product_then(
                                 (units.len(), cols.len(), n),
-                                dw.at(units.start * fan_in + cols.start),
+                                dw.block(
+                                    units.start * fan_in + cols.start,
+                                    (units.len(), cols.len()),
+                                    fan_in,
+                                ),
                                 fan_in,
                                 Operand::columns(delta.as_ptr().add(units.start), out),
                                 source(&x_ahead, &x[cols.start..], fan_in),
@@ -460,11 +471,12 @@ impl Dense<'_> {
                                                 .dropout
                                                 .as_ref()
                                                 .map(|(m, _)| &m[span.clone()]);
-                                            // SAFETY: each part touches only its own columns.
-                                            let du = unsafe { du.slice(span) };
+                                            // SAFETY: each part touches only its own
+                                            // columns, which the product has written.
+                                            let du = unsafe { du.written(span) };
                                             let sums = du_sums
                                                 .as_ref()
-                                                .map(|s| unsafe { s.slice(columns) });
+                                                .map(|s| unsafe { s.written(columns) });
                                             backward_piece(phi, du, (z, h), mask, sums);
                                         },
                                     );
@@ -474,7 +486,7 @@ impl Dense<'_> {
                         unsafe {
                             product_then(
                                 (n, inputs.len(), out),
-                                du.at(inputs.start),
+                                du.block(inputs.start, (n, inputs.len()), fan_in),
                                 fan_in,
                                 source(&delta_ahead, delta, out),
                                 Operand::rows(w.as_ptr().add(inputs.start), fan_in),
@@ -494,12 +506,8 @@ impl Dense<'_> {
             }
         }
         // SAFETY: the products wrote every value of ∂W and of δ_{i−1}.
-        unsafe {
-            weight.set_len(out * fan_in);
-            if let Some(u) = upstream.as_mut() {
-                u.set_len(n * fan_in);
-            }
-        }
+        let (weight, upstream) =
+            unsafe { (weight.assume_init(), upstream.map(|u| u.assume_init())) };
         Gradient {
             bias_norm: sum_of_squares(&bias).sqrt() as f32,
             weight_norm: row_squares.iter().sum::<f64>().sqrt() as f32,
@@ -534,6 +542,16 @@ fn by_sixteen(span: Range<usize>, mut f: impl FnMut(Range<usize>)) {
     }
 }
 
+/// A piece of a forward epilogue's output: z, written by the product, and h
+/// to be written from it; or h, written by the product where z is not kept.
+enum Output<'a> {
+    Kept {
+        z: &'a mut [f32],
+        h: Option<&'a mut [MaybeUninit<f32>]>,
+    },
+    InPlace(&'a mut [f32]),
+}
+
 /// The forward epilogue on one piece of a row: z += b and h = φ(z), or,
 /// where z is not kept, h = φ(h + b) in place; then h ⊙ mask. As a function
 /// of its own, its slices are arguments that the compiler knows do not
@@ -542,33 +560,26 @@ fn by_sixteen(span: Range<usize>, mut f: impl FnMut(Range<usize>)) {
 fn forward_piece<A: Pointwise>(
     phi: A,
     b: &[f32],
-    z: Option<&mut [f32]>,
-    h: Option<&mut [f32]>,
-    masked: Option<(&mut [f32], &[f32])>,
+    out: Output,
+    masked: Option<(&mut [MaybeUninit<f32>], &[f32])>,
 ) {
-    let h = match (z, h) {
-        (Some(z), h) => {
+    let h: &[f32] = match out {
+        Output::Kept { z, h } => {
             for (z, b) in z.iter_mut().zip(b) {
                 *z += b;
             }
             let Some(h) = h else { return };
-            for (h, z) in h.iter_mut().zip(z.iter()) {
-                *h = phi.value(*z);
-            }
-            h
+            init_from(h, z.iter().map(|z| phi.value(*z)))
         }
-        (None, Some(h)) => {
+        Output::InPlace(h) => {
             for (h, b) in h.iter_mut().zip(b) {
                 *h = phi.value(*h + b);
             }
             h
         }
-        (None, None) => return,
     };
     if let Some((hm, mask)) = masked {
-        for ((hm, h), m) in hm.iter_mut().zip(h.iter()).zip(mask) {
-            *hm = h * m;
-        }
+        init_from(hm, h.iter().zip(mask).map(|(h, m)| h * m));
     }
 }
 
@@ -780,75 +791,4 @@ fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize) -> Result<(f64,
         total -= (row[label] - max - log_sum) as f64;
     }
     Ok((total / n as f64, grad))
-}
-
-/// A buffer the parts of [`in_parts`] write to, each its own elements.
-struct Shared<T = f32> {
-    ptr: *mut T,
-    len: usize,
-}
-
-// SAFETY: parts write disjoint elements (see the call sites).
-unsafe impl<T: Send> Send for Shared<T> {}
-unsafe impl<T: Send> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    fn new(values: &mut [T]) -> Self {
-        Self {
-            ptr: values.as_mut_ptr(),
-            len: values.len(),
-        }
-    }
-
-    /// Room for `len` values in the empty `v`, for matrix products to write
-    /// every one of them before `v.set_len(len)`. (Zeroing them first would
-    /// be a pass over memory that the products overwrite anyway.)
-    fn room(v: &mut Vec<T>, len: usize) -> Self {
-        assert!(v.is_empty());
-        v.reserve_exact(len);
-        Self {
-            ptr: v.as_mut_ptr(),
-            len,
-        }
-    }
-
-    /// # Safety
-    /// No other part may touch `span` while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, span: Range<usize>) -> &mut [T] {
-        assert!(span.start <= span.end && span.end <= self.len);
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(span.start), span.len()) }
-    }
-
-    fn at(&self, offset: usize) -> *mut T {
-        assert!(offset <= self.len);
-        self.ptr.wrapping_add(offset)
-    }
-}
-
-/// Runs `part` on a share of `0..len` per thread of rayon's pool. Shares
-/// are multiples of 16 (whole SIMD registers).
-fn in_parts(len: usize, part: impl Fn(Range<usize>) + Sync) {
-    in_parts_pair((len, len), |a, _| part(a));
-}
-
-/// [`in_parts`] over two lengths at once, the k-th share of each to the same part.
-fn in_parts_pair((a, b): (usize, usize), part: impl Fn(Range<usize>, Range<usize>) + Sync) {
-    each_part(|k, parts| {
-        let share = |len: usize| {
-            let size = len.div_ceil(parts).next_multiple_of(16);
-            (k * size).min(len)..((k + 1) * size).min(len)
-        };
-        part(share(a), share(b))
-    });
-}
-
-/// Runs `part(k, parts)` for each `k` in `0..parts`, one per thread of rayon's pool.
-fn each_part(part: impl Fn(usize, usize) + Sync) {
-    let parts = rayon::current_num_threads().max(1);
-    if parts == 1 {
-        part(0, 1)
-    } else {
-        (0..parts).into_par_iter().for_each(|k| part(k, parts));
-    }
 }

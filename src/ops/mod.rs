@@ -8,6 +8,7 @@
 //! fused MLP passes ([`sgemm`]).
 
 mod batch_norm;
+pub mod disjoint;
 mod im2col;
 mod norm;
 mod pool;
