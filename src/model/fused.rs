@@ -29,7 +29,7 @@ use super::{Model, Trace, dropout_values};
 use crate::config::Activation;
 use crate::ops::disjoint::{Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_from};
 use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, Panels, Side, Source, sgemm, sgemm_then};
-use crate::ops::{F32View, sum_of_squares, wide};
+use crate::ops::{F32View, host_f32, sum_of_squares, wide};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -50,7 +50,7 @@ pub struct Pass {
 /// Whether [`forward_backward`] can take this model and batch: an MLP, f32
 /// values on the CPU.
 pub fn applies(model: &Model, x: &Tensor) -> bool {
-    !model.is_convolutional() && x.device().is_cpu() && x.dtype() == DType::F32
+    !model.is_convolutional() && x.contiguous().is_ok_and(|x| host_f32(&x).is_some())
 }
 
 /// Forward (dropout masks drawn from `dropout_rng` as [`Model::forward`]

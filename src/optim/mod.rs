@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor};
 
 use crate::config::{Denominator, OptimizerConfig, OptimizerKind};
 use crate::model::Param;
-use crate::ops::{l2_norm, subtract_in_place};
+use crate::ops::{host_f32, l2_norm, subtract_in_place};
 use elementwise::ElementOp;
 use transforms::{
     AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
@@ -303,10 +303,9 @@ impl Optimizer {
     }
 }
 
-/// Whether a parameter can take the fused pass: f32 values on the CPU.
+/// Whether a parameter can take the fused pass: its value and gradient on the host.
 fn fusable(view: &ParamView) -> bool {
-    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    f32_on_cpu(view.value) && f32_on_cpu(view.grad) && view.value.is_contiguous()
+    host_f32(view.value).is_some() && host_f32(view.grad).is_some()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use candle_core::{Device, Result, Shape, Tensor};
 use super::elementwise::{self, ElementOp};
 use super::{ParamView, StepReport, Transform};
 
-use crate::ops::{host_l2_norm, l2_norm, scale, scale_add, scale_by};
+use crate::ops::{host_f32, host_l2_norm, l2_norm, scale, scale_add, scale_by};
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
@@ -162,7 +162,7 @@ impl Transform for ScaleByTrustRatio {
             report.trust_ratio = Some(Tensor::new(1f32, device)?);
             return scale(&update, param.lr);
         }
-        let (trust_ratio, rate) = if device.is_cpu() {
+        let (trust_ratio, rate) = if host_f32(param.value).is_some() {
             let (ratio, rate) = self.local_rate_on_host(param, || host_l2_norm(&update))?;
             (Tensor::new(ratio, device)?, Tensor::new(rate, device)?)
         } else {
