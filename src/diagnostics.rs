@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
-use crate::model::{Model, Param, Trace};
+use crate::model::{ForwardTrace, Model, Param};
 use crate::ops::{host_f32, l2_norm, mean_pairwise_cosine, wide};
 use crate::optim::StepReport;
 use crate::sinks::Record;
@@ -112,7 +112,7 @@ pub fn step_measurements(
 ///   (sigmoid, tanh): share of outputs within 1% of the activation's bounds;
 /// - `symmetry`: mean pairwise cosine similarity of the units' weights (the
 ///   rows of a weight matrix, the flattened kernels of a convolution).
-pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<()> {
+pub fn layer_stats(model: &Model, trace: &ForwardTrace, record: &mut Record) -> Result<()> {
     let mut tags = Vec::new();
     let mut scalars = Vec::new();
     let mut add = |tag: String, value: Tensor| {

@@ -25,15 +25,15 @@ use std::ops::Range;
 use candle_core::{DType, Device, Result, Tensor, bail};
 
 use super::activation::{self, Pointwise};
-use super::{Model, Trace, dropout_values};
+use super::{ForwardTrace, Model, dropout_values};
 use crate::config::Activation;
 use crate::ops::disjoint::{Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_from};
-use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, Panels, Side, Source, sgemm, sgemm_then};
+use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, OperandSource, Panels, Side, sgemm, sgemm_then};
 use crate::ops::{F32View, host_f32, sum_of_squares, wide};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
-pub struct Pass {
+pub struct ForwardBackward {
     /// The batch's mean cross-entropy.
     pub loss: f64,
     pub logits: Tensor,
@@ -44,7 +44,7 @@ pub struct Pass {
     /// needs them, and a separate pass would read every gradient again).
     pub grad_norms: Option<Vec<f32>>,
     /// The layers' insides, when asked for.
-    pub trace: Option<Trace>,
+    pub trace: Option<ForwardTrace>,
 }
 
 /// Whether [`forward_backward`] can take this model and batch: an MLP, f32
@@ -62,7 +62,7 @@ pub fn forward_backward(
     labels: &Tensor,
     dropout_rng: &mut Rng,
     trace: bool,
-) -> Result<Pass> {
+) -> Result<ForwardBackward> {
     // On a worker of rayon's pool, so that the parts of every layer are
     // forked from there: called from outside, each of the step's parallel
     // regions would put this thread to sleep and wake a worker.
@@ -113,7 +113,7 @@ impl Forward {
 }
 
 impl Run<'_> {
-    fn with<A: Pointwise>(self, phi: A, x: &Tensor, labels: &Tensor) -> Result<Pass> {
+    fn with<A: Pointwise>(self, phi: A, x: &Tensor, labels: &Tensor) -> Result<ForwardBackward> {
         let Run {
             model,
             dropout_rng,
@@ -139,7 +139,7 @@ impl Run<'_> {
 
         let dense = |i: usize| {
             let (out, fan_in) = shapes[i];
-            Dense {
+            HostDense {
                 weight: &weights[i],
                 bias: &biases[i],
                 out,
@@ -207,7 +207,7 @@ impl Run<'_> {
         } else {
             None
         };
-        Ok(Pass {
+        Ok(ForwardBackward {
             loss,
             logits,
             grads,
@@ -219,14 +219,14 @@ impl Run<'_> {
 
 /// One dense layer's parameters, `weight` `[out, fan_in]` row-major.
 #[derive(Clone, Copy)]
-struct Dense<'a> {
+struct HostDense<'a> {
     weight: &'a [f32],
     bias: &'a [f32],
     out: usize,
     fan_in: usize,
 }
 
-/// One layer's gradients, from [`Dense::backward`].
+/// One layer's gradients, from [`HostDense::backward`].
 struct Gradient {
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -239,7 +239,7 @@ struct Gradient {
     upstream_sums: Option<Vec<f32>>,
 }
 
-impl Dense<'_> {
+impl HostDense<'_> {
     /// z = x·Wᵀ + b and, for a hidden layer, h = φ(z) and h ⊙ mask, over a
     /// batch of `n` rows, in one parallel region. A hidden layer keeps z only
     /// for the `trace` or where φ' reads it.
@@ -252,7 +252,7 @@ impl Dense<'_> {
         mask: Option<Vec<f32>>,
         trace: bool,
     ) -> Forward {
-        let Dense {
+        let HostDense {
             weight: w,
             bias: b,
             out,
@@ -358,7 +358,7 @@ impl Dense<'_> {
         n: usize,
         below: Option<&Forward>,
     ) -> Gradient {
-        let Dense {
+        let HostDense {
             weight: w,
             out,
             fan_in,
@@ -690,7 +690,7 @@ fn pack_in_parts<const N: usize>(operands: [Option<&Panels>; N]) {
 
 /// What a product reads of the row-major `x` with `cols` columns: its panels
 /// where `ahead` packed them, else `x` itself.
-fn source<'a>(ahead: &'a Option<Panels>, x: &[f32], cols: usize) -> Source<'a> {
+fn source<'a>(ahead: &'a Option<Panels>, x: &[f32], cols: usize) -> OperandSource<'a> {
     match ahead {
         Some(panels) => panels.into(),
         None => Operand::rows(x.as_ptr(), cols).into(),
@@ -718,8 +718,8 @@ unsafe fn product_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: impl Into<Source<'a>>,
-    b: impl Into<Source<'a>>,
+    a: impl Into<OperandSource<'a>>,
+    b: impl Into<OperandSource<'a>>,
     finish: &F,
 ) {
     if m * n >= FINISH_IN_BLOCKS {
@@ -730,17 +730,17 @@ unsafe fn product_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     }
 }
 
-/// The forward buffers as the [`Trace`] the measurements read.
+/// The forward buffers as the [`ForwardTrace`] the measurements read.
 fn into_trace(
     model: &Model,
     x: Tensor,
     forward: Vec<Forward>,
     preact_grads: Vec<Tensor>,
     n: usize,
-) -> Result<Trace> {
-    let mut trace = Trace {
+) -> Result<ForwardTrace> {
+    let mut trace = ForwardTrace {
         preact_grads,
-        ..Trace::default()
+        ..ForwardTrace::default()
     };
     let mut input = x;
     for (layer, f) in model.dense().iter().zip(forward) {

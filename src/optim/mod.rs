@@ -17,7 +17,7 @@ use crate::model::Param;
 use crate::ops::{host_f32, l2_norm, subtract_in_place};
 use elementwise::ElementOp;
 use transforms::{
-    AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
+    AddDecayedWeights, LocalRate, Momentum, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio,
     TrustDenominator,
 };
 
@@ -106,7 +106,7 @@ impl Optimizer {
             // Weight decay reaches every parameter, as in torch.optim.SGD.
             OptimizerKind::Sgd => vec![
                 Box::new(AddDecayedWeights::new(c.weight_decay, false)),
-                Box::new(Trace::new(c.momentum, c.nesterov)),
+                Box::new(Momentum::new(c.momentum, c.nesterov)),
                 Box::new(ScaleByLearningRate),
             ],
             // LARS, Algorithm 1 and optax.lars: the local rate lr·λ enters the momentum buffer.
@@ -126,7 +126,7 @@ impl Optimizer {
                     },
                     exclude_1d: c.exclude_1d,
                 }),
-                Box::new(Trace::new(c.momentum, c.nesterov)),
+                Box::new(Momentum::new(c.momentum, c.nesterov)),
             ],
             // optax.lamb: Adam's direction, decayed, scaled by ‖w‖/‖update‖ and the rate.
             OptimizerKind::Lamb => vec![

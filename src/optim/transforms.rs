@@ -208,13 +208,13 @@ impl Transform for ScaleByTrustRatio {
 
 /// Momentum: `v ← decay·v + u`; passes on `v`, or `u + decay·v` with Nesterov
 /// (optax's `trace`, PyTorch's SGD buffer with dampening 0).
-pub struct Trace {
+pub struct Momentum {
     decay: f64,
     nesterov: bool,
     buffers: Vec<Option<Buffer>>,
 }
 
-impl Trace {
+impl Momentum {
     pub fn new(decay: f64, nesterov: bool) -> Self {
         Self {
             decay,
@@ -267,7 +267,7 @@ impl Buffer {
     }
 }
 
-impl Transform for Trace {
+impl Transform for Momentum {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         if self.decay == 0.0 {
             return Ok(update);
@@ -302,7 +302,7 @@ impl Transform for Trace {
         }
         let buffer = slot_of(&mut self.buffers, param.index)
             .get_or_insert_with(|| Buffer::Values(Vec::new(), param.value.shape().clone()));
-        Ok(Some(vec![ElementOp::Trace {
+        Ok(Some(vec![ElementOp::Momentum {
             decay: self.decay as f32,
             nesterov: self.nesterov,
             buffer: buffer.values()?,
