@@ -5,8 +5,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::Activation;
-use crate::model::{Model, Param, Trace};
-use crate::ops::{F32View, l2_norm, mean_pairwise_cosine, wide};
+use crate::model::{ForwardTrace, Model, Param};
+use crate::ops::{host_f32, l2_norm, mean_pairwise_cosine, wide};
 use crate::optim::StepReport;
 use crate::sinks::Record;
 
@@ -112,7 +112,7 @@ pub fn step_measurements(
 ///   (sigmoid, tanh): share of outputs within 1% of the activation's bounds;
 /// - `symmetry`: mean pairwise cosine similarity of the units' weights (the
 ///   rows of a weight matrix, the flattened kernels of a convolution).
-pub fn layer_stats(model: &Model, trace: &Trace, record: &mut Record) -> Result<()> {
+pub fn layer_stats(model: &Model, trace: &ForwardTrace, record: &mut Record) -> Result<()> {
     let mut tags = Vec::new();
     let mut scalars = Vec::new();
     let mut add = |tag: String, value: Tensor| {
@@ -183,9 +183,9 @@ fn statistic(
     on_host: impl Fn(&[f32]) -> f64,
     by_ops: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    match F32View::of(t) {
-        Ok(values) => Tensor::new(on_host(&values) as f32, t.device()),
-        Err(_) => by_ops(t),
+    match host_f32(t) {
+        Some(values) => Tensor::new(on_host(&values) as f32, t.device()),
+        None => by_ops(t),
     }
 }
 
@@ -305,7 +305,7 @@ mod tests {
         let z = Tensor::from_vec(values, (n, height, width, channels), &Device::Cpu).unwrap();
         let sigmoid = candle_nn::ops::sigmoid(&z).unwrap();
         let tanh = z.tanh().unwrap();
-        let host = |t: &Tensor, f: &dyn Fn(&[f32]) -> f64| f(&F32View::of(t).unwrap()) as f32;
+        let host = |t: &Tensor, f: &dyn Fn(&[f32]) -> f64| f(&host_f32(t).unwrap()) as f32;
         let ops = |t: Tensor| t.to_scalar::<f32>().unwrap();
         let dead = |v: &[f32]| dead_fraction(v, channels);
         let cases: [(&str, f32, f32); 6] = [

@@ -14,7 +14,7 @@ use crate::config::{Activation, Config};
 use crate::data;
 use crate::device;
 use crate::diagnostics::layer_stats;
-use crate::model::{Model, Trace};
+use crate::model::{ForwardTrace, Model};
 use crate::sinks::Record;
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,7 +92,11 @@ fn derivative(activation: Activation, z: &Tensor) -> candle_core::Result<Tensor>
 
 /// `None` when the Jacobian is not finite (weights or activations overflowed):
 /// nalgebra's SVD would never return.
-fn jacobian(model: &Model, trace: &Trace, inputs: usize) -> anyhow::Result<Option<JacobianReport>> {
+fn jacobian(
+    model: &Model,
+    trace: &ForwardTrace,
+    inputs: usize,
+) -> anyhow::Result<Option<JacobianReport>> {
     let hidden = trace.acts.len();
     let weights: Vec<Tensor> = model
         .dense_weights()

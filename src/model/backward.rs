@@ -17,7 +17,7 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-use super::{Model, Trace};
+use super::{ForwardTrace, Model};
 
 /// The mean cross-entropy of `logits` for `labels`, and its gradient.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -34,7 +34,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor
 /// Gradients of every parameter (in [`Model::params`] order) given δ_L,
 /// the gradient of the loss with respect to the logits; fills in the
 /// trace's `preact_grads`. For models without convolutions.
-pub fn backward(model: &Model, trace: &mut Trace, logits_grad: Tensor) -> Result<Vec<Tensor>> {
+pub fn backward(
+    model: &Model,
+    trace: &mut ForwardTrace,
+    logits_grad: Tensor,
+) -> Result<Vec<Tensor>> {
     let layers = model.dense();
     let mut delta = logits_grad;
     let mut grads = Vec::with_capacity(2 * layers.len());

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor, Var};
 
 use crate::config::Pool;
-use crate::ops::{BatchNormTrain, ChannelMoments, Im2Col, Pool2};
+use crate::ops::{BatchNormTrain, ChannelMoments, Im2Col, Pool2, host_f32};
 
 /// `y = x Wᵀ + b`, with `W` `[out, in]`.
 #[derive(Debug, Clone)]
@@ -45,7 +45,8 @@ impl Conv {
         let (c_out, _, k, _) = weight.dims4()?;
         let p = self.padding;
         let (h_out, w_out) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
-        if !x.device().is_cpu() {
+        let x = x.contiguous()?;
+        if host_f32(&x).is_none() {
             return x
                 .permute((0, 3, 1, 2))?
                 .contiguous()?
@@ -53,7 +54,7 @@ impl Conv {
                 .permute((0, 2, 3, 1))?
                 .broadcast_add(self.bias.as_tensor());
         }
-        let patches = x.contiguous()?.apply_op1(Im2Col {
+        let patches = x.apply_op1(Im2Col {
             kernel: k,
             padding: p,
         })?;
@@ -92,7 +93,8 @@ impl BatchNorm {
     pub fn forward(&self, z: &Tensor, training: bool) -> Result<Tensor> {
         let channels = z.dim(candle_core::D::Minus1)?;
         let flat = z.reshape(((), channels))?;
-        let y = match (training, flat.device().is_cpu()) {
+        let on_host = training && host_f32(&flat.contiguous()?).is_some();
+        let y = match (training, on_host) {
             (true, true) => {
                 let flat = flat.contiguous()?;
                 let moments = flat.detach().apply_op1_no_bwd(&ChannelMoments)?;
@@ -151,8 +153,14 @@ impl Pool {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Pool::None => Ok(x.clone()),
-            _ if x.device().is_cpu() => x.contiguous()?.apply_op1(Pool2(self)),
-            _ => self.with_tensor_ops(x),
+            _ => {
+                let x = x.contiguous()?;
+                if host_f32(&x).is_some() {
+                    x.apply_op1(Pool2(self))
+                } else {
+                    self.with_tensor_ops(&x)
+                }
+            }
         }
     }
 

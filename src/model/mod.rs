@@ -400,7 +400,7 @@ impl Model {
         Ok(self.forward_traced(x, dropout_rng, false)?.0)
     }
 
-    /// [`Model::forward`], keeping what happens inside (see [`Trace`]). With
+    /// [`Model::forward`], keeping what happens inside (see [`ForwardTrace`]). With
     /// `probes`, a zero-valued probe variable is added to every
     /// pre-activation so that candle's backward pass keeps ∂L/∂z_i (it drops
     /// the gradients of intermediate tensors, but keeps those of variables;
@@ -410,9 +410,9 @@ impl Model {
         x: &Tensor,
         mut dropout_rng: Option<&mut Rng>,
         probes: bool,
-    ) -> candle_core::Result<(Tensor, Trace)> {
+    ) -> candle_core::Result<(Tensor, ForwardTrace)> {
         let training = dropout_rng.is_some();
-        let mut trace = Trace::default();
+        let mut trace = ForwardTrace::default();
         let mut h = x.clone();
         if let Some([c, height, width]) = self.image {
             h = h
@@ -478,7 +478,7 @@ impl Model {
 /// What [`Model::forward_traced`] keeps, per weighted layer (conv1 …, fc1 …)
 /// unless said otherwise.
 #[derive(Debug, Clone, Default)]
-pub struct Trace {
+pub struct ForwardTrace {
     pub layers: Vec<String>,
     /// z_i, the activation's input (after BatchNorm): `[n, units]`, or
     /// `[n, h, w, channels]` for a convolution.
@@ -496,7 +496,7 @@ pub struct Trace {
     pub preact_grads: Vec<Tensor>,
 }
 
-impl Trace {
+impl ForwardTrace {
     /// Records the layer and its pre-activation, with a probe added if asked.
     fn observe(&mut self, layer: &str, z: Tensor, probe: bool) -> candle_core::Result<Tensor> {
         let z = if probe {

@@ -8,6 +8,7 @@
 //! fused MLP passes ([`sgemm`]).
 
 mod batch_norm;
+pub mod disjoint;
 mod im2col;
 mod norm;
 mod pool;
@@ -50,25 +51,34 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Re
     Ok(&values[start..end])
 }
 
-/// A contiguous f32 CPU tensor's values, borrowed from its storage.
+/// The values of `t` on the host, borrowed from its storage, where `t` is a
+/// contiguous f32 tensor on the CPU; `None` for another device or dtype, or a
+/// strided view. The one test, outside the kernels, of whether a tensor's
+/// values can be read and computed on in place: the fused passes, the
+/// optimizer's pass and the measurements take their CPU path where it gives
+/// `Some`, candle operations elsewhere.
+pub fn host_f32(t: &Tensor) -> Option<F32View<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))).then_some(F32View {
+        storage,
+        range: start..end,
+    })
+}
+
+/// A contiguous f32 CPU tensor's values, borrowed from its storage ([`host_f32`]).
 pub struct F32View<'a> {
     storage: StorageRef<'a>,
     range: Range<usize>,
 }
 
 impl<'a> F32View<'a> {
+    /// [`host_f32`], or an error for a tensor it does not take.
     pub fn of(t: &'a Tensor) -> Result<Self> {
-        let (storage, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("larslab's CPU kernels need contiguous tensors")
-        };
-        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
-            bail!("larslab's CPU kernels are implemented for f32 only")
+        match host_f32(t) {
+            Some(view) => Ok(view),
+            None => bail!("larslab's CPU kernels need contiguous f32 tensors on the CPU"),
         }
-        Ok(Self {
-            storage,
-            range: start..end,
-        })
     }
 }
 

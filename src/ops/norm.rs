@@ -36,9 +36,9 @@ impl CustomOp1 for Norm {
 /// values (no 0-d tensor to allocate and read back, which costs more than
 /// the norm of a small layer), elsewhere through the device.
 pub fn host_l2_norm(t: &Tensor) -> Result<f32> {
-    match super::F32View::of(t) {
-        Ok(values) => Ok(norm_of(&values)),
-        Err(_) => l2_norm(t)?.to_scalar(),
+    match super::host_f32(t) {
+        Some(values) => Ok(norm_of(&values)),
+        None => l2_norm(t)?.to_scalar(),
     }
 }
 

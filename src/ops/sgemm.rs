@@ -74,20 +74,20 @@ impl Operand {
 /// An operand as [`sgemm`] reads it: in place, packed by the calling thread
 /// as it goes, or packed ahead into [`Panels`] that several threads share.
 #[derive(Clone, Copy)]
-pub enum Source<'a> {
+pub enum OperandSource<'a> {
     Strided(Operand),
     Packed(&'a Panels),
 }
 
-impl From<Operand> for Source<'_> {
+impl From<Operand> for OperandSource<'_> {
     fn from(x: Operand) -> Self {
-        Source::Strided(x)
+        OperandSource::Strided(x)
     }
 }
 
-impl<'a> From<&'a Panels> for Source<'a> {
+impl<'a> From<&'a Panels> for OperandSource<'a> {
     fn from(panels: &'a Panels) -> Self {
-        Source::Packed(panels)
+        OperandSource::Packed(panels)
     }
 }
 
@@ -186,8 +186,8 @@ pub unsafe fn sgemm<'a>(
     dims: (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: impl Into<Source<'a>>,
-    b: impl Into<Source<'a>>,
+    a: impl Into<OperandSource<'a>>,
+    b: impl Into<OperandSource<'a>>,
 ) {
     unsafe { sgemm_then(dims, c, c_stride, a, b, &|_, _| {}) }
 }
@@ -203,13 +203,13 @@ pub unsafe fn sgemm_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     c_stride: usize,
-    a: impl Into<Source<'a>>,
-    b: impl Into<Source<'a>>,
+    a: impl Into<OperandSource<'a>>,
+    b: impl Into<OperandSource<'a>>,
     finish: &F,
 ) {
     let (a, b) = (a.into(), b.into());
     for (source, side, len) in [(a, Side::A, m), (b, Side::B, n)] {
-        if let Source::Packed(p) = source {
+        if let OperandSource::Packed(p) = source {
             assert!(p.side == side && p.len == len && p.depth == k);
         }
     }
@@ -220,8 +220,8 @@ pub unsafe fn sgemm_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     if std::arch::is_x86_feature_detected!("avx512f") {
         return unsafe { avx512::sgemm((m, n, k), c, c_stride, a, b, finish) };
     }
-    let strided = |x: Source| match x {
-        Source::Strided(x) | Source::Packed(&Panels { x, .. }) => x,
+    let strided = |x: OperandSource| match x {
+        OperandSource::Strided(x) | OperandSource::Packed(&Panels { x, .. }) => x,
     };
     unsafe { portable((m, n, k), c, c_stride, strided(a), strided(b)) };
     finish(0..m, 0..n);
@@ -270,7 +270,7 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Operand, PACKED, Panels, Range, Side, Source};
+    use super::{Operand, OperandSource, PACKED, Panels, Range, Side};
     use std::arch::x86_64::*;
 
     /// Rows of `c` per micro-tile.
@@ -341,8 +341,8 @@ mod avx512 {
         (m, n, k): (usize, usize, usize),
         c: *mut f32,
         c_stride: usize,
-        a: Source,
-        b: Source,
+        a: OperandSource,
+        b: OperandSource,
         finish: &F,
     ) {
         PACKED.with_borrow_mut(|(pa, pb)| {
@@ -358,8 +358,8 @@ mod avx512 {
             }
             for (pc, kc) in passes(k) {
                 let panels_a = match a {
-                    Source::Packed(p) if p.count() > 0 => pass_of(p, pc),
-                    Source::Strided(a) | Source::Packed(&Panels { x: a, .. }) => {
+                    OperandSource::Packed(p) if p.count() > 0 => pass_of(p, pc),
+                    OperandSource::Strided(a) | OperandSource::Packed(&Panels { x: a, .. }) => {
                         unsafe { pack_a(pa, a, m, pc, kc) };
                         pa.as_ptr()
                     }
@@ -367,8 +367,10 @@ mod avx512 {
                 for jc in (0..n).step_by(NC) {
                     let nc = NC.min(n - jc);
                     let panels_b = match b {
-                        Source::Packed(p) if p.count() > 0 => pass_of(p, pc).wrapping_add(jc * kc),
-                        Source::Strided(b) | Source::Packed(&Panels { x: b, .. }) => {
+                        OperandSource::Packed(p) if p.count() > 0 => {
+                            pass_of(p, pc).wrapping_add(jc * kc)
+                        }
+                        OperandSource::Strided(b) | OperandSource::Packed(&Panels { x: b, .. }) => {
                             unsafe { pack_b(pb, b, nc, jc, pc, kc) };
                             pb.as_ptr()
                         }
@@ -716,9 +718,9 @@ mod tests {
                 let mut want = vec![0f32; m * n];
                 unsafe { sgemm((m, n, k), want.as_mut_ptr(), n, oa, ob) };
                 for (sa, sb) in [
-                    (Source::from(&pa), Source::from(ob)),
-                    (Source::from(oa), Source::from(&pb)),
-                    (Source::from(&pa), Source::from(&pb)),
+                    (OperandSource::from(&pa), OperandSource::from(ob)),
+                    (OperandSource::from(oa), OperandSource::from(&pb)),
+                    (OperandSource::from(&pa), OperandSource::from(&pb)),
                 ] {
                     let mut got = vec![f32::NAN; m * n];
                     unsafe { sgemm((m, n, k), got.as_mut_ptr(), n, sa, sb) };

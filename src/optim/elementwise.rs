@@ -32,7 +32,7 @@ pub enum ElementOp<'a> {
     Scale(f32),
     /// Momentum: v ← μ·v + u (v ← u at the first step, when `buffer` is
     /// still empty); then u ← v, or u ← μ·v + u with Nesterov's momentum.
-    Trace {
+    Momentum {
         decay: f32,
         nesterov: bool,
         buffer: &'a mut Vec<f32>,
@@ -60,7 +60,7 @@ pub fn apply(
     ops: &mut [ElementOp],
     measure: bool,
 ) -> Result<Option<Applied>> {
-    let pass = Pass {
+    let pass = InPlaceStep {
         ops: RefCell::new(ops),
         measure,
         applied: RefCell::new(None),
@@ -103,7 +103,7 @@ pub fn norm_after(ops: &[ElementOp], grad: &Tensor, weights: &Tensor) -> Result<
 enum ShareOp<'s> {
     AddScaledWeights(f32),
     Scale(f32),
-    Trace {
+    Momentum {
         decay: f32,
         nesterov: bool,
         first: bool,
@@ -117,7 +117,7 @@ impl ShareOp<'static> {
         match op {
             ElementOp::AddScaledWeights(a) => Some(ShareOp::AddScaledWeights(*a)),
             ElementOp::Scale(a) => Some(ShareOp::Scale(*a)),
-            ElementOp::Trace { .. } => None,
+            ElementOp::Momentum { .. } => None,
         }
     }
 }
@@ -130,7 +130,7 @@ fn shares<'s>(ops: &'s mut [ElementOp], len: usize) -> Vec<Vec<ShareOp<'s>>> {
         .collect();
     for op in ops {
         match op {
-            ElementOp::Trace {
+            ElementOp::Momentum {
                 decay,
                 nesterov,
                 buffer,
@@ -140,7 +140,7 @@ fn shares<'s>(ops: &'s mut [ElementOp], len: usize) -> Vec<Vec<ShareOp<'s>>> {
                     buffer.resize(len, 0.0);
                 }
                 for (share, values) in shares.iter_mut().zip(buffer.chunks_mut(SHARE)) {
-                    share.push(ShareOp::Trace {
+                    share.push(ShareOp::Momentum {
                         decay: *decay,
                         nesterov: *nesterov,
                         first,
@@ -168,7 +168,7 @@ fn carry(u: &mut [f32], w: &[f32], ops: &mut [ShareOp], at: Range<usize>) {
                 *u += *w * *a + 0.0;
             }),
             ShareOp::Scale(a) => u.iter_mut().for_each(|u| *u *= *a),
-            ShareOp::Trace {
+            ShareOp::Momentum {
                 decay,
                 nesterov,
                 first,
@@ -222,13 +222,13 @@ fn tiles(len: usize) -> impl Iterator<Item = Range<usize>> {
 }
 
 /// The pass, as an in-place operation on the parameter's storage.
-struct Pass<'o, 'a> {
+struct InPlaceStep<'o, 'a> {
     ops: RefCell<&'o mut [ElementOp<'a>]>,
     measure: bool,
     applied: RefCell<Option<Applied>>,
 }
 
-impl InplaceOp2 for Pass<'_, '_> {
+impl InplaceOp2 for InPlaceStep<'_, '_> {
     fn name(&self) -> &'static str {
         "fused-optimizer-step"
     }

@@ -14,10 +14,10 @@ use candle_core::{Result, Tensor};
 
 use crate::config::{Denominator, OptimizerConfig, OptimizerKind};
 use crate::model::Param;
-use crate::ops::{l2_norm, subtract_in_place};
+use crate::ops::{host_f32, l2_norm, subtract_in_place};
 use elementwise::ElementOp;
 use transforms::{
-    AddDecayedWeights, LocalRate, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio, Trace,
+    AddDecayedWeights, LocalRate, Momentum, ScaleByAdam, ScaleByLearningRate, ScaleByTrustRatio,
     TrustDenominator,
 };
 
@@ -106,7 +106,7 @@ impl Optimizer {
             // Weight decay reaches every parameter, as in torch.optim.SGD.
             OptimizerKind::Sgd => vec![
                 Box::new(AddDecayedWeights::new(c.weight_decay, false)),
-                Box::new(Trace::new(c.momentum, c.nesterov)),
+                Box::new(Momentum::new(c.momentum, c.nesterov)),
                 Box::new(ScaleByLearningRate),
             ],
             // LARS, Algorithm 1 and optax.lars: the local rate lr·λ enters the momentum buffer.
@@ -126,7 +126,7 @@ impl Optimizer {
                     },
                     exclude_1d: c.exclude_1d,
                 }),
-                Box::new(Trace::new(c.momentum, c.nesterov)),
+                Box::new(Momentum::new(c.momentum, c.nesterov)),
             ],
             // optax.lamb: Adam's direction, decayed, scaled by ‖w‖/‖update‖ and the rate.
             OptimizerKind::Lamb => vec![
@@ -303,10 +303,9 @@ impl Optimizer {
     }
 }
 
-/// Whether a parameter can take the fused pass: f32 values on the CPU.
+/// Whether a parameter can take the fused pass: its value and gradient on the host.
 fn fusable(view: &ParamView) -> bool {
-    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    f32_on_cpu(view.value) && f32_on_cpu(view.grad) && view.value.is_contiguous()
+    host_f32(view.value).is_some() && host_f32(view.grad).is_some()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use candle_core::{Device, Result, Shape, Tensor};
 use super::elementwise::{self, ElementOp};
 use super::{ParamView, StepReport, Transform};
 
-use crate::ops::{host_l2_norm, l2_norm, scale, scale_add, scale_by};
+use crate::ops::{host_f32, host_l2_norm, l2_norm, scale, scale_add, scale_by};
 
 /// Adds `rate · w` to the update: L2 weight decay (coupled to the gradient in
 /// SGD and LARS; applied after Adam's normalisation in LAMB and AdamW).
@@ -162,7 +162,7 @@ impl Transform for ScaleByTrustRatio {
             report.trust_ratio = Some(Tensor::new(1f32, device)?);
             return scale(&update, param.lr);
         }
-        let (trust_ratio, rate) = if device.is_cpu() {
+        let (trust_ratio, rate) = if host_f32(param.value).is_some() {
             let (ratio, rate) = self.local_rate_on_host(param, || host_l2_norm(&update))?;
             (Tensor::new(ratio, device)?, Tensor::new(rate, device)?)
         } else {
@@ -208,13 +208,13 @@ impl Transform for ScaleByTrustRatio {
 
 /// Momentum: `v ← decay·v + u`; passes on `v`, or `u + decay·v` with Nesterov
 /// (optax's `trace`, PyTorch's SGD buffer with dampening 0).
-pub struct Trace {
+pub struct Momentum {
     decay: f64,
     nesterov: bool,
     buffers: Vec<Option<Buffer>>,
 }
 
-impl Trace {
+impl Momentum {
     pub fn new(decay: f64, nesterov: bool) -> Self {
         Self {
             decay,
@@ -267,7 +267,7 @@ impl Buffer {
     }
 }
 
-impl Transform for Trace {
+impl Transform for Momentum {
     fn apply(&mut self, param: &ParamView, update: Tensor, _: &mut StepReport) -> Result<Tensor> {
         if self.decay == 0.0 {
             return Ok(update);
@@ -302,7 +302,7 @@ impl Transform for Trace {
         }
         let buffer = slot_of(&mut self.buffers, param.index)
             .get_or_insert_with(|| Buffer::Values(Vec::new(), param.value.shape().clone()));
-        Ok(Some(vec![ElementOp::Trace {
+        Ok(Some(vec![ElementOp::Momentum {
             decay: self.decay as f32,
             nesterov: self.nesterov,
             buffer: buffer.values()?,

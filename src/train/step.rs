@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor};
 
 use crate::diagnostics::step_measurements;
-use crate::model::{Model, Param, Trace, backward, fused};
+use crate::model::{ForwardTrace, Model, Param, backward, fused};
 use crate::ops::l2_norm;
 use crate::optim::Optimizer;
 use crate::rng::Rng;
@@ -33,7 +33,7 @@ pub struct Gradients {
     /// pass took them on the way (the fused CPU pass does).
     pub grad_norms: Option<Vec<f32>>,
     /// The layers' insides, when asked for.
-    pub trace: Option<Trace>,
+    pub trace: Option<ForwardTrace>,
 }
 
 /// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
