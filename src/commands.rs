@@ -307,6 +307,16 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             return Err(UserError::Usage("--slurm-cpus must be at least 1".into()).into());
         }
         sweep.write_json()?;
+        // Declared here, before the array's tasks start at once and each would declare it.
+        sweep.declare_experiment()?;
+        for run in sweep.failures() {
+            eprintln!(
+                "invalid: {} (array task {} will fail): {}",
+                run.name,
+                run.index,
+                run.error.as_deref().unwrap_or("?")
+            );
+        }
         let mut forwarded = Vec::new();
         if let Some(config) = &args.config {
             forwarded.extend(["--config".to_string(), config.display().to_string()]);
