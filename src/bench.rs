@@ -155,8 +155,13 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(case: &Case, kind: OptimizerKind, measurements: bool) -> anyhow::Result<Self> {
-        let device = Device::Cpu;
+    fn new(
+        case: &Case,
+        kind: OptimizerKind,
+        measurements: bool,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let device = device.clone();
         let model_config = case.model_config();
         let mut data_rng = rng::stream(0, Stream::Data);
         let x: Vec<f32> = (0..case.batch * case.inputs)
@@ -220,10 +225,11 @@ pub fn run(
     case: &Case,
     configurations: &[(OptimizerKind, bool)],
     plan: &Plan,
+    device: &Device,
 ) -> anyhow::Result<Vec<Result>> {
     let mut setups = configurations
         .iter()
-        .map(|&(kind, measurements)| Setup::new(case, kind, measurements))
+        .map(|&(kind, measurements)| Setup::new(case, kind, measurements, device))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for setup in &mut setups {
         setup.steps(plan.warmup_steps, plan.measure_every)?;
@@ -232,6 +238,8 @@ pub fn run(
         for setup in &mut setups {
             let start = Instant::now();
             setup.steps(plan.steps_per_repeat, plan.measure_every)?;
+            // A GPU queues its kernels: the block ends when the device is done.
+            device.synchronize()?;
             setup
                 .rates
                 .push(plan.steps_per_repeat as f64 / start.elapsed().as_secs_f64());

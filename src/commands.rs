@@ -3,11 +3,11 @@
 use crate::bench;
 use crate::checkpoint;
 use crate::cli::{
-    BenchArgs, CompareArgs, CompareFormat, DataCommand, Emit, Format, PlotArgs, ProbeArgs,
-    RescueArgs, RunArgs, SweepArgs, TrainArgs,
+    BenchArgs, BenchDevice, CompareArgs, CompareFormat, DataCommand, Emit, Format, PlotArgs,
+    ProbeArgs, RescueArgs, RunArgs, SweepArgs, TrainArgs,
 };
 use crate::compare;
-use crate::config::{Config, DivergenceAction, OptimizerKind};
+use crate::config::{Config, DeviceKind, DivergenceAction, OptimizerKind};
 use crate::data::{idx, mnist_like};
 use crate::error::UserError;
 use crate::interrupt;
@@ -497,12 +497,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         (OptimizerKind::Lars, false),
         (OptimizerKind::Lars, true),
     ];
+    let device = crate::device::select(match args.device {
+        BenchDevice::Cpu => DeviceKind::Cpu,
+        BenchDevice::Cuda => DeviceKind::Cuda,
+        BenchDevice::Auto => DeviceKind::Auto,
+    })
+    .map_err(|e| UserError::Usage(format!("--device: {e}")))?;
     let mut results = Vec::new();
     for case in &cases {
         if args.format == Format::Table {
             eprintln!("timing {} ...", case.name);
         }
-        results.extend(bench::run(case, &configurations, &plan)?);
+        results.extend(bench::run(case, &configurations, &plan, &device)?);
     }
     match args.format {
         Format::Table => print!("{}", bench::table(&results)),
