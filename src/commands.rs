@@ -7,7 +7,7 @@ use crate::cli::{
     ProbeArgs, RescueArgs, RunArgs, SweepArgs, TrainArgs,
 };
 use crate::compare;
-use crate::config::{Config, DeviceKind, DivergenceAction, OptimizerKind};
+use crate::config::{Config, DivergenceAction, OptimizerKind};
 use crate::data::{idx, mnist_like};
 use crate::error::UserError;
 use crate::interrupt;
@@ -497,12 +497,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         (OptimizerKind::Lars, false),
         (OptimizerKind::Lars, true),
     ];
-    let device = crate::device::select(match args.device {
-        BenchDevice::Cpu => DeviceKind::Cpu,
-        BenchDevice::Cuda => DeviceKind::Cuda,
-        BenchDevice::Auto => DeviceKind::Auto,
-    })
-    .map_err(|e| UserError::Usage(format!("--device: {e}")))?;
+    let device = match args.device {
+        BenchDevice::Cpu => candle_core::Device::Cpu,
+        BenchDevice::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+            UserError::Usage(format!(
+                "--device cuda: no CUDA device ({e}); build with `--features cuda` on a GPU machine"
+            ))
+        })?,
+        BenchDevice::Auto => {
+            candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)
+        }
+    };
     let mut results = Vec::new();
     for case in &cases {
         if args.format == Format::Table {
