@@ -10,11 +10,12 @@
 
 use std::time::Instant;
 
+use candle_core::Device;
 use serde::Serialize;
 
 use crate::config::{
-    Config, DataConfig, DataKind, DivergenceAction, ModelConfig, ModelKind, OptimizerConfig,
-    OptimizerKind, ScheduleKind,
+    Config, DataConfig, DataKind, DeviceKind, DivergenceAction, ModelConfig, ModelKind,
+    OptimizerConfig, OptimizerKind, ScheduleKind,
 };
 use crate::error::UserError;
 use crate::optim::schedule::Schedule;
@@ -175,8 +176,18 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(case: &Case, kind: OptimizerKind, measurements: bool) -> anyhow::Result<Self> {
-        let config = case.config(kind)?;
+    fn new(
+        case: &Case,
+        kind: OptimizerKind,
+        measurements: bool,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut config = case.config(kind)?;
+        config.device = if device.is_cuda() {
+            DeviceKind::Cuda
+        } else {
+            DeviceKind::Cpu
+        };
         let trainer = Trainer::new(&config)?;
         Ok(Self {
             kind,
@@ -215,10 +226,11 @@ pub fn run(
     case: &Case,
     configurations: &[(OptimizerKind, bool)],
     plan: &Plan,
+    device: &Device,
 ) -> anyhow::Result<Vec<Result>> {
     let mut setups = configurations
         .iter()
-        .map(|&(kind, measurements)| Setup::new(case, kind, measurements))
+        .map(|&(kind, measurements)| Setup::new(case, kind, measurements, device))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for setup in &mut setups {
         setup.steps(plan.warmup_steps, plan.measure_every)?;
@@ -227,6 +239,8 @@ pub fn run(
         for setup in &mut setups {
             let start = Instant::now();
             setup.steps(plan.steps_per_repeat, plan.measure_every)?;
+            // A GPU queues its kernels: the block ends when the device is done.
+            device.synchronize()?;
             setup
                 .rates
                 .push(plan.steps_per_repeat as f64 / start.elapsed().as_secs_f64());

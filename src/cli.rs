@@ -201,6 +201,16 @@ pub struct BenchArgs {
     pub warmup: u64,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Where to run: cpu, cuda (needs `--features cuda`), auto.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    pub device: BenchDevice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+    Auto,
 }
 
 /// The options every command that builds a run from a config shares.

@@ -3,8 +3,8 @@
 use crate::bench;
 use crate::checkpoint;
 use crate::cli::{
-    BenchArgs, CompareArgs, CompareFormat, DataCommand, Emit, Format, PlotArgs, ProbeArgs,
-    RescueArgs, RunArgs, SweepArgs, TrainArgs,
+    BenchArgs, BenchDevice, CompareArgs, CompareFormat, DataCommand, Emit, Format, PlotArgs,
+    ProbeArgs, RescueArgs, RunArgs, SweepArgs, TrainArgs,
 };
 use crate::compare;
 use crate::config::{Config, DivergenceAction, OptimizerKind};
@@ -166,6 +166,16 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             return Err(UserError::Usage("--slurm-cpus must be at least 1".into()).into());
         }
         sweep.write_json()?;
+        // Declared here, before the array's tasks start at once and each would declare it.
+        sweep.declare_experiment()?;
+        for run in sweep.failures() {
+            eprintln!(
+                "invalid: {} (array task {} will fail): {}",
+                run.name,
+                run.index,
+                run.error.as_deref().unwrap_or("?")
+            );
+        }
         let mut forwarded = Vec::new();
         if let Some(config) = &args.config {
             forwarded.extend(["--config".to_string(), config.display().to_string()]);
@@ -346,12 +356,23 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         (OptimizerKind::Lars, false),
         (OptimizerKind::Lars, true),
     ];
+    let device = match args.device {
+        BenchDevice::Cpu => candle_core::Device::Cpu,
+        BenchDevice::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+            UserError::Usage(format!(
+                "--device cuda: no CUDA device ({e}); build with `--features cuda` on a GPU machine"
+            ))
+        })?,
+        BenchDevice::Auto => {
+            candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)
+        }
+    };
     let mut results = Vec::new();
     for case in &cases {
         if args.format == Format::Table {
             eprintln!("timing {} ...", case.name);
         }
-        results.extend(bench::run(case, &configurations, &plan)?);
+        results.extend(bench::run(case, &configurations, &plan, &device)?);
     }
     match args.format {
         Format::Table => print!("{}", bench::table(&results)),

@@ -278,7 +278,7 @@ impl Sweep {
     }
 
     /// Declares the HParams experiment once, in the sweep directory itself.
-    fn declare_experiment(&self) -> anyhow::Result<()> {
+    pub fn declare_experiment(&self) -> anyhow::Result<()> {
         let Some(config) = self.runs.iter().find_map(|r| r.config.as_ref().ok()) else {
             return Ok(());
         };
@@ -367,8 +367,9 @@ impl Sweep {
                 ))
                 .into());
             }
+            // Another array task's run, invalid or not, is not this task's to report.
             for run in &mut self.runs {
-                if run.index != index && run.status == RunStatus::Pending {
+                if run.index != index {
                     run.status = RunStatus::Skipped;
                 }
             }
