@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, parse_value};
+use crate::config::{Config, first_repeat, parse_value};
 use crate::error::UserError;
 use crate::fsutil::atomic_write;
 use crate::run_dir;
@@ -126,16 +126,61 @@ impl Sweep {
             };
             grid.push((key.clone(), values.iter().map(|v| v.to_string()).collect()));
         }
+        let file_keys: Vec<String> = grid.iter().map(|(k, _)| k.clone()).collect();
+        let mut given: Vec<String> = Vec::new();
         for spec in grid_args {
             let (key, values) = parse_grid(spec)?;
+            if given.contains(&key) {
+                return Err(UserError::Usage(format!(
+                    "--grid {key}=... is given twice; list every value in one --grid {key}=V1,V2,..."
+                )));
+            }
+            if key == "seed" {
+                return Err(UserError::Usage(
+                    "--grid seed=...: seeds are a sweep's own axis; give them with --seeds S1,S2,..."
+                        .into(),
+                ));
+            }
+            let parsed: Vec<toml::Value> = values.iter().map(|v| parse_value(v)).collect();
+            if let Some(twice) = first_repeat(&parsed) {
+                return Err(UserError::Usage(format!(
+                    "--grid {spec}: the value {twice} is listed twice (it would run twice)"
+                )));
+            }
+            given.push(key.clone());
             grid.retain(|(k, _)| *k != key);
             grid.push((key, values));
+        }
+        // A key both fixed by --set and varied by the grid: neither may win silently.
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            let varied = grid.iter().find(|(k, _)| {
+                k == key || k.starts_with(&format!("{key}.")) || key.starts_with(&format!("{k}."))
+            });
+            if let Some((axis, _)) = varied {
+                let place = if given.contains(axis) {
+                    format!("--grid {axis}=...")
+                } else {
+                    let file = config_path
+                        .map_or("the built-in config".into(), |p| p.display().to_string());
+                    debug_assert!(file_keys.contains(axis));
+                    format!("the [sweep] grid of {file}")
+                };
+                return Err(UserError::Usage(format!(
+                    "--set {o} fixes `{key}`, which {place} varies; drop one (to run only some values, give them with --grid {axis}=V1,...)"
+                )));
+            }
         }
         let seeds: Vec<u64> = match seeds_arg {
             Some(seeds) => seeds.to_vec(),
             None if !base.sweep.seeds.is_empty() => base.sweep.seeds.clone(),
             None => vec![base.seed],
         };
+        if let Some(twice) = first_repeat(&seeds) {
+            return Err(UserError::Usage(format!(
+                "--seeds: seed {twice} is listed twice (it would run twice)"
+            )));
+        }
         let name = name.map_or_else(|| format!("{}-sweep", base.name), str::to_string);
         if name.trim().is_empty() || name.contains(['/', '\\', '\n']) || name == "." || name == ".."
         {
@@ -197,6 +242,14 @@ impl Sweep {
                 });
             }
         }
+        for (i, run) in runs.iter().enumerate() {
+            if let Some(other) = runs[..i].iter().find(|r| r.name == run.name) {
+                return Err(UserError::Usage(format!(
+                    "grid points {} and {} would both be named `{}` (values that differ only in spaces, quotes or slashes); make them distinct",
+                    other.index, run.index, run.name
+                )));
+            }
+        }
         // A grid whose every point is invalid (a misspelt key, say) is a usage error, not N failed runs.
         let errors: Option<Vec<&String>> = runs.iter().map(|r| r.error.as_ref()).collect();
         if let Some(first) = errors.and_then(|e| e.first().copied()) {
@@ -204,14 +257,45 @@ impl Sweep {
                 "every run of the grid is invalid: {first}"
             )));
         }
-        Ok(Sweep {
+        let sweep = Sweep {
             name,
             dir,
             grid,
             seeds,
             runs,
             base_args,
-        })
+        };
+        sweep.check_same_grid()?;
+        Ok(sweep)
+    }
+
+    /// A sweep directory that holds runs this grid does not have (another
+    /// grid's, other seeds') is refused: started here, this sweep would
+    /// overwrite their `sweep.json` and mix its runs with theirs. A restart
+    /// with the same grid, or one that adds values or fixes a bad one, keeps
+    /// every run that exists.
+    fn check_same_grid(&self) -> Result<(), UserError> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        let mut foreign: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(run_dir::CONFIG).is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !self.runs.iter().any(|r| &r.name == name))
+            .collect();
+        foreign.sort();
+        match foreign.first() {
+            None => Ok(()),
+            Some(first) => Err(UserError::data(
+                &self.dir,
+                format!(
+                    "holds {} run(s) of another grid or other seeds (`{first}`{}); give this sweep another --name (or remove them)",
+                    foreign.len(),
+                    if foreign.len() > 1 { ", ..." } else { "" }
+                ),
+            )),
+        }
     }
 
     /// The resolved config a run will write, exactly as its `train` process resolves it.
@@ -331,8 +415,7 @@ impl Sweep {
     }
 
     fn command(&self, run: &PlannedRun, threads: usize) -> Command {
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("larslab"));
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(own_executable());
         cmd.arg("train").arg("--quiet").args(&self.base_args);
         for o in &run.overrides {
             cmd.arg("--set").arg(o);
@@ -465,6 +548,17 @@ impl Sweep {
             .filter(|r| r.status == RunStatus::Failed)
             .collect()
     }
+}
+
+/// The binary the sweep runs its runs with: on Linux the very file this
+/// process was started from (`/proc/self/exe` resolves to its inode even
+/// after a rebuild replaced or deleted the path), elsewhere `current_exe()`.
+fn own_executable() -> PathBuf {
+    let proc_self = Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_self.exists() {
+        return proc_self.to_path_buf();
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("larslab"))
 }
 
 fn read_all(mut r: impl std::io::Read) -> String {

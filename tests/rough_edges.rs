@@ -1,0 +1,184 @@
+//! Issue 21: the rough edges of sweeps, configs, data, messages and files,
+//! and what a careless or hostile user tried, each through the binary.
+
+mod common;
+use common::{larslab, stderr};
+
+use std::path::Path;
+
+/// Exit 2, exactly one line on stderr, an `error:` line containing every needle, no panic.
+fn assert_user_error(dir: &Path, args: &[&str], needles: &[&str]) -> String {
+    let output = larslab(dir, args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: not one line: {err}");
+    assert!(lines[0].starts_with("error:"), "{args:?}: {err}");
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: `{needle}` not in {err}"
+        );
+    }
+    err
+}
+
+/// A tiny sweep's settings.
+const SMALL: &[&str] = &[
+    "--quiet",
+    "--out",
+    "runs",
+    "--set",
+    "data.kind=teacher",
+    "--set",
+    "data.n_train=200",
+    "--set",
+    "model.hidden=[8]",
+    "--set",
+    "train.steps=5",
+    "--set",
+    "train.eval_every=5",
+];
+
+fn sweep(args: &[&str]) -> Vec<String> {
+    let mut all = vec!["sweep".to_string()];
+    all.extend(SMALL.iter().map(|s| s.to_string()));
+    all.extend(args.iter().map(|s| s.to_string()));
+    all
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn sweep_conflicts_are_errors_naming_both_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("grid.toml"),
+        "[sweep]\ngrid = { \"optimizer.kind\" = [\"sgd\", \"lars\"] }\n",
+    )
+    .unwrap();
+    for (args, needles) in [
+        (
+            sweep(&["--config", "grid.toml", "--set", "optimizer.kind=sgd"]),
+            &["--set optimizer.kind=sgd", "[sweep] grid of grid.toml"][..],
+        ),
+        (
+            sweep(&["--grid", "optimizer.lr=0.1", "--set", "optimizer.lr=0.2"]),
+            &["--set optimizer.lr=0.2", "--grid optimizer.lr"],
+        ),
+        (
+            sweep(&[
+                "--grid",
+                "optimizer.lr=0.1,0.2",
+                "--grid",
+                "optimizer.lr=0.3",
+            ]),
+            &["--grid optimizer.lr=... is given twice"],
+        ),
+        (
+            sweep(&["--grid", "seed=1,2", "--seeds", "3,4"]),
+            &["--grid seed", "--seeds"],
+        ),
+        (sweep(&["--grid", "seed=1,2"]), &["--grid seed", "--seeds"]),
+        (
+            sweep(&["--grid", "optimizer.lr=0.1,0.10"]),
+            &["optimizer.lr=0.1,0.10", "0.1 is listed twice"],
+        ),
+        (sweep(&["--seeds", "1,2,1"]), &["--seeds", "seed 1"]),
+        (
+            sweep(&["--grid", "model.activation=tanh,\"tanh\""]),
+            &["\"tanh\" is listed twice"],
+        ),
+        (
+            sweep(&["--grid", "data.prefix=a/b,a_b"]),
+            &["would both be named `data.prefix=a_b`"],
+        ),
+    ] {
+        assert_user_error(d, &strs(&args), needles);
+    }
+    assert!(!d.join("runs").exists(), "a refused sweep left a directory");
+}
+
+#[test]
+fn a_second_sweep_with_another_grid_under_the_same_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let first = sweep(&["--name", "s", "--grid", "optimizer.lr=0.1,0.2"]);
+    let out = larslab(d, &strs(&first));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = std::fs::read(d.join("runs/s/sweep.json")).unwrap();
+    for other in [
+        sweep(&["--name", "s", "--grid", "optimizer.lr=0.1,0.3"]),
+        sweep(&[
+            "--name",
+            "s",
+            "--grid",
+            "optimizer.lr=0.1,0.2",
+            "--seeds",
+            "0,1",
+        ]),
+        sweep(&["--name", "s", "--grid", "model.activation=tanh"]),
+    ] {
+        assert_user_error(d, &strs(&other), &["runs/s: holds", "of another grid"]);
+    }
+    assert_eq!(std::fs::read(d.join("runs/s/sweep.json")).unwrap(), json);
+    let runs: Vec<_> = std::fs::read_dir(d.join("runs/s"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert_eq!(runs.len(), 2);
+    // The same grid again (spelt otherwise, and one more value) is a restart:
+    // every existing run is skipped.
+    let again = sweep(&["--name", "s", "--grid", "optimizer.lr=0.10,0.2,0.4"]);
+    let out = larslab(d, &strs(&again));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("runs/s/sweep.json")).unwrap()).unwrap();
+    let statuses: Vec<&str> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["skipped", "skipped", "finished"], "{json}");
+}
+
+/// A rebuild during a sweep replaces the binary: later runs still start,
+/// from the file the sweep itself was started from.
+#[test]
+fn a_sweep_survives_its_binary_being_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let exe = d.join("larslab-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_larslab"), &exe).unwrap();
+    let args = sweep(&["--jobs", "1", "--grid", "optimizer.lr=0.1,0.2,0.3"]);
+    let child = std::process::Command::new(&exe)
+        .args(&args)
+        .current_dir(d)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The sweep process is running (spawn returns after exec); its file is gone.
+    std::fs::remove_file(&exe).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("runs/default-sweep/sweep.json")).unwrap())
+            .unwrap();
+    let statuses: Vec<&str> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["finished"; 3]);
+}
