@@ -182,3 +182,73 @@ fn a_sweep_survives_its_binary_being_replaced() {
         .collect();
     assert_eq!(statuses, ["finished"; 3]);
 }
+
+fn idx_bytes(code: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0, 0, code, dims.len() as u8];
+    for d in dims {
+        bytes.extend_from_slice(&d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+fn gzipped(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[test]
+fn gzip_idx_with_trailing_junk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = gzipped(&idx_bytes(8, &[4, 2, 2], &[9; 16]));
+    std::fs::write(d.join("labels"), idx_bytes(8, &[4], &[0, 1, 0, 1])).unwrap();
+    for (name, tail) in [
+        ("junk.gz", b"JUNK".to_vec()),
+        ("twice.gz", images.clone()),
+        ("zero.gz", vec![0]),
+    ] {
+        std::fs::write(d.join(name), [images.as_slice(), &tail].concat()).unwrap();
+        let set = format!("data.images={name}");
+        assert_user_error(
+            d,
+            &[
+                "train",
+                "--quiet",
+                "--out",
+                "runs",
+                "--set",
+                "data.kind=idx",
+                "--set",
+                &set,
+                "--set",
+                "data.labels=labels",
+            ],
+            &[name, "bytes after its gzip stream"],
+        );
+    }
+    // The same stream without the tail trains.
+    std::fs::write(d.join("clean.gz"), &images).unwrap();
+    let out = larslab(
+        d,
+        &[
+            "train",
+            "--quiet",
+            "--out",
+            "runs",
+            "--set",
+            "data.kind=idx",
+            "--set",
+            "data.images=clean.gz",
+            "--set",
+            "data.labels=labels",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "data.val_fraction=0",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
