@@ -250,7 +250,55 @@ fn report(run_dir: &RunDir, summary: &Summary) {
 pub fn data(command: &DataCommand) -> anyhow::Result<()> {
     let DataCommand::MnistLike(args) = command;
     let (n, test_n) = (args.n as usize, args.test_n as usize);
+    if let Some(path) = &args.preview
+        && path
+            .extension()
+            .is_none_or(|e| !e.eq_ignore_ascii_case("png"))
+    {
+        return Err(UserError::Usage(format!(
+            "--preview {}: the preview is a .png file",
+            path.display()
+        ))
+        .into());
+    }
     let digits = mnist_like::generate(n + test_n, args.seed);
+    // The preview first: when it cannot be written, nothing else is.
+    let mut written: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(path) = &args.preview {
+        let bytes = mnist_like::preview_png(&digits, 100, 10, 3)
+            .map_err(|e| UserError::data(path, format!("cannot draw the preview: {e}")))?;
+        plot::write_figure(path, &bytes)
+            .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
+        written.push(path.clone());
+    }
+    match write_digits(args, &digits, n, test_n, &mut written) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            if let Some(path) = &args.preview {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for path in &written {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The IDX files of `larslab data mnist-like`; each path written is pushed to `written`.
+fn write_digits(
+    args: &crate::cli::MnistLikeArgs,
+    digits: &mnist_like::Digits,
+    n: usize,
+    test_n: usize,
+    written: &mut Vec<std::path::PathBuf>,
+) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
     std::fs::create_dir_all(&args.out)
         .map_err(|e| UserError::data(&args.out, format!("cannot create: {e}")))?;
     let side = mnist_like::SIDE;
@@ -267,20 +315,17 @@ pub fn data(command: &DataCommand) -> anyhow::Result<()> {
         let label_path = args.out.join(format!("{prefix}-labels-idx1-ubyte{ext}"));
         idx::write_u8(&image_path, &[count, side, side], images, args.gzip)
             .map_err(|e| UserError::data(&image_path, format!("cannot write: {e}")))?;
+        written.push(image_path.clone());
         idx::write_u8(&label_path, &[count], labels, args.gzip)
             .map_err(|e| UserError::data(&label_path, format!("cannot write: {e}")))?;
-        println!(
+        written.push(label_path.clone());
+        lines.push(format!(
             "{} ({count} digits), {}",
             image_path.display(),
             label_path.display()
-        );
+        ));
     }
-    if let Some(path) = &args.preview {
-        mnist_like::write_preview(&digits, 100, 10, 3, path)
-            .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    Ok(lines)
 }
 
 pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
@@ -391,6 +436,8 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             runs.extend(found);
         }
     }
+    plot::Format::of(&args.out)
+        .map_err(|e| UserError::Usage(format!("--out {}: {e}", args.out.display())))?;
     let layers = args
         .layers
         .as_deref()
@@ -404,6 +451,8 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             .map_or(String::new(), |n| n.to_string_lossy().into_owned())
     };
     let mut curves = Vec::new();
+    // The metric's layers in the runs, matched by --layers or not, to say which of the two found nothing.
+    let mut unmatched: Vec<String> = Vec::new();
     for run in &runs {
         let wanted = |tag: &str| {
             if per_layer {
@@ -413,6 +462,16 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
                 tag == args.metric
             }
         };
+        if per_layer && layers.is_some() {
+            let all = plot::curves(run, |tag| tag.starts_with(&prefix))
+                .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
+            for curve in all {
+                let layer = curve.label.strip_prefix(&prefix).unwrap_or(&curve.label);
+                if !unmatched.iter().any(|l| l == layer) {
+                    unmatched.push(layer.to_string());
+                }
+            }
+        }
         let found = plot::curves(run, wanted)
             .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
         for plot::Curve { label: tag, points } in found {
@@ -425,6 +484,15 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             curves.push(plot::Curve { label, points });
         }
     }
+    if curves.is_empty() && !unmatched.is_empty() {
+        return Err(UserError::Usage(format!(
+            "--layers {}: matches none of {}'s layers ({})",
+            args.layers.as_deref().unwrap_or_default(),
+            args.metric,
+            unmatched.join(", ")
+        ))
+        .into());
+    }
     if curves.is_empty() {
         return Err(UserError::Usage(format!(
             "--metric {}: no such tag in the runs' metrics.jsonl (per-layer metrics: grad_norm, trust_ratio, act_std, ...; tags: loss/train, accuracy/val, ...)",
@@ -436,8 +504,10 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
         [one] => format!("{} — {}", args.metric, file_name(one)),
         _ => args.metric.clone(),
     };
-    plot::line_figure(&curves, &title, &args.metric, args.log_y, &args.out)
+    let bytes = plot::line_figure(&curves, &title, &args.metric, args.log_y, &args.out)
         .map_err(|e| UserError::data(&args.out, format!("cannot draw the figure: {e}")))?;
+    plot::write_figure(&args.out, &bytes)
+        .map_err(|e| UserError::data(&args.out, format!("cannot write the figure: {e}")))?;
     println!("{}", args.out.display());
     Ok(())
 }
@@ -458,16 +528,46 @@ pub fn compare(args: &CompareArgs) -> anyhow::Result<()> {
 }
 
 pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.plot {
+        plot::Format::of(path)
+            .map_err(|e| UserError::Usage(format!("--plot {}: {e}", path.display())))?;
+    }
     let config = load_config(&args.run)?;
     let report = probe::probe(&config, args.inputs as usize)?;
-    let run_dir = RunDir::create(&args.run.out, &config.name)?;
-    run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
-    run_dir.write_json("probe.json", &report)?;
-    print!("{}", probe::table(&report));
+    // The figure first: when it cannot be written, no run directory is left behind.
+    if let Some(path) = &args.plot {
+        let bytes = plot::probe_figure(&report, &config.name, path)
+            .map_err(|e| UserError::data(path, format!("cannot draw the figure: {e}")))?;
+        plot::write_figure(path, &bytes)
+            .map_err(|e| UserError::data(path, format!("cannot write the figure: {e}")))?;
+    }
+    let written = (|| -> anyhow::Result<RunDir> {
+        let run_dir = RunDir::create(&args.run.out, &config.name)?;
+        let fill = || -> anyhow::Result<()> {
+            run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
+            run_dir.write_json("probe.json", &report)?;
+            Ok(())
+        };
+        if let Err(e) = fill() {
+            let _ = std::fs::remove_dir_all(run_dir.path());
+            return Err(e);
+        }
+        Ok(run_dir)
+    })();
+    let run_dir = match written {
+        Ok(run_dir) => run_dir,
+        Err(e) => {
+            if let Some(path) = &args.plot {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    if !args.quiet {
+        print!("{}", probe::table(&report));
+    }
     println!("{}", run_dir.file("probe.json").display());
     if let Some(path) = &args.plot {
-        plot::probe_figure(&report, &config.name, path)
-            .map_err(|e| UserError::data(path, format!("cannot draw the figure: {e}")))?;
         println!("{}", path.display());
     }
     Ok(())

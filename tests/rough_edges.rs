@@ -252,3 +252,163 @@ fn gzip_idx_with_trailing_junk_is_refused() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// A short run to plot: every step logged.
+fn small_run(d: &Path, name: &str) {
+    let out = larslab(
+        d,
+        &[
+            "train",
+            "--quiet",
+            "--out",
+            "runs",
+            "--name",
+            name,
+            "--set",
+            "data.kind=teacher",
+            "--set",
+            "data.n_train=200",
+            "--set",
+            "model.hidden=[8]",
+            "--set",
+            "train.steps=4",
+            "--set",
+            "train.log_every=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn figure_errors_are_plain_sentences_naming_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_run(d, "r");
+    let err = assert_user_error(
+        d,
+        &[
+            "plot",
+            "runs/r",
+            "--metric",
+            "loss/train",
+            "--out",
+            "no-dir/x.png",
+        ],
+        &["no-dir/x.png: cannot write the figure: No such file or directory"],
+    );
+    assert!(
+        !err.contains("Os {") && !err.contains("Error("),
+        "debug text: {err}"
+    );
+    assert_user_error(
+        d,
+        &["plot", "runs/r", "--metric", "loss/train", "--out", "x.jpg"],
+        &["--out x.jpg", ".png or .svg"],
+    );
+    // --layers that match nothing are blamed, not --metric.
+    assert_user_error(
+        d,
+        &[
+            "plot",
+            "runs/r",
+            "--metric",
+            "grad_norm",
+            "--layers",
+            "conv",
+            "--out",
+            "x.png",
+        ],
+        &[
+            "--layers conv",
+            "matches none of grad_norm's layers",
+            "fc1.weight",
+        ],
+    );
+    assert_user_error(
+        d,
+        &["plot", "runs/r", "--metric", "grad_nrom", "--out", "x.png"],
+        &["--metric grad_nrom"],
+    );
+    for (out, magic) in [("x.png", &b"\x89PNG"[..]), ("x.svg", b"<svg")] {
+        let o = larslab(
+            d,
+            &[
+                "plot",
+                "runs/r",
+                "--metric",
+                "grad_norm",
+                "--layers",
+                "fc1",
+                "--out",
+                out,
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(std::fs::read(d.join(out)).unwrap().starts_with(magic));
+    }
+}
+
+#[test]
+fn a_figure_that_cannot_be_written_leaves_no_other_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_user_error(
+        d,
+        &["probe", "--out", "runs", "--plot", "no-dir/probe.png"],
+        &["no-dir/probe.png: cannot write the figure"],
+    );
+    assert!(
+        !d.join("runs").join("default").exists(),
+        "probe left its run directory"
+    );
+    assert_user_error(
+        d,
+        &[
+            "data",
+            "mnist-like",
+            "--out",
+            "digits",
+            "--n",
+            "20",
+            "--test-n",
+            "5",
+            "--preview",
+            "no-dir/grid.png",
+        ],
+        &["no-dir/grid.png: cannot write the preview"],
+    );
+    let left: Vec<_> = std::fs::read_dir(d.join("digits"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "data left {left:?}");
+    // Written, both outputs are there.
+    let out = larslab(
+        d,
+        &["probe", "--quiet", "--out", "runs", "--plot", "probe.png"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.join("runs/default/probe.json").is_file());
+    assert!(
+        std::fs::read(d.join("probe.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+}
+
+#[test]
+fn probe_quiet_prints_only_the_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let loud = larslab(d, &["probe", "--out", "runs", "--name", "loud"]);
+    assert!(loud.status.success(), "{}", stderr(&loud));
+    let quiet = larslab(d, &["probe", "--quiet", "--out", "runs", "--name", "quiet"]);
+    assert!(quiet.status.success(), "{}", stderr(&quiet));
+    let stdout = String::from_utf8_lossy(&quiet.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("runs/quiet/probe.json"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&loud.stdout).lines().count() > 2);
+    assert!(quiet.stderr.is_empty(), "{}", stderr(&quiet));
+}
