@@ -40,9 +40,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
         quiet: args.quiet,
         interrupt: Some(interrupt::install()?),
     };
-    let (config, run_dir, trainer) = match &args.resume {
+    let (config, run_dir, trainer, _lock) = match &args.resume {
         Some(run) => {
             let run_dir = RunDir::open(run)?;
+            let lock = run_dir.lock()?;
             let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.run.overrides)?;
             let checkpoints = run_dir.file(run_dir::CHECKPOINTS);
             let step = *checkpoint::steps(&checkpoints).last().ok_or_else(|| {
@@ -65,13 +66,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
                 .into());
             }
             let trainer = Trainer::resume(&config, &checkpoints, step)?;
-            (config, run_dir, trainer)
+            (config, run_dir, trainer, lock)
         }
         None => {
             let config = load_config(&args.run)?;
             let trainer = Trainer::new(&config)?;
             let run_dir = RunDir::create(&args.run.out, &config.name)?;
-            (config, run_dir, trainer)
+            let lock = run_dir.lock()?;
+            (config, run_dir, trainer, lock)
         }
     };
     let mut summary = trainer.run(&run_dir, &options)?;
@@ -106,6 +108,7 @@ pub fn rescue_command(args: &RescueArgs) -> anyhow::Result<Outcome> {
         interrupt: Some(interrupt::install()?),
     };
     let run_dir = RunDir::open(&args.run)?;
+    let _lock = run_dir.lock()?;
     let summary: Summary = run_dir.summary()?.ok_or_else(|| {
         UserError::data(&args.run, "has no summary.json (still running, or killed?); resume it with `larslab train --resume`")
     })?;
@@ -328,7 +331,7 @@ fn write_digits(
     Ok(lines)
 }
 
-pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
+pub fn sweep(args: &SweepArgs) -> anyhow::Result<Outcome> {
     let mut sweep = Sweep::plan(
         args.config.as_deref(),
         &args.overrides,
@@ -380,7 +383,7 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             sweep.runs.len(),
             path.display()
         );
-        return Ok(());
+        return Ok(Outcome::Done);
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let base_jobs = sweep
@@ -394,6 +397,23 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
         (cores / 2).max(1)
     });
     sweep.execute(jobs, args.only, args.quiet)?;
+    if sweep.interrupted {
+        eprintln!(
+            "interrupted: {} stopped with checkpoints; the same `larslab sweep` command resumes it",
+            sweep.dir.display()
+        );
+        return Ok(Outcome::Interrupted);
+    }
+    if args.only.is_none() && sweep.all_failed_on_bad_input() {
+        let first = sweep.failures()[0];
+        return Err(UserError::Usage(format!(
+            "every run of the sweep failed (see {}); the first, {}: {}",
+            sweep.dir.join("sweep.json").display(),
+            first.name,
+            first.error.as_deref().unwrap_or("?")
+        ))
+        .into());
+    }
     let failures = sweep.failures();
     for run in &failures {
         eprintln!(
@@ -410,7 +430,7 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             sweep.runs.len()
         );
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
@@ -463,8 +483,9 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             }
         };
         if per_layer && layers.is_some() {
-            let all = plot::curves(run, |tag| tag.starts_with(&prefix))
-                .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
+            let all = plot::curves(run, |tag| tag.starts_with(&prefix)).map_err(|e| {
+                UserError::data(&run.join(run_dir::METRICS), format!("cannot read: {e}"))
+            })?;
             for curve in all {
                 let layer = curve.label.strip_prefix(&prefix).unwrap_or(&curve.label);
                 if !unmatched.iter().any(|l| l == layer) {
@@ -472,8 +493,9 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let found = plot::curves(run, wanted)
-            .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
+        let found = plot::curves(run, wanted).map_err(|e| {
+            UserError::data(&run.join(run_dir::METRICS), format!("cannot read: {e}"))
+        })?;
         for plot::Curve { label: tag, points } in found {
             let layer = tag.strip_prefix(&prefix).unwrap_or(&tag).to_string();
             let label = match (per_layer, runs.len()) {

@@ -35,6 +35,14 @@ pub struct PlannedRun {
     pub status: RunStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failed run's exit status (2: its input was bad); `None` for a
+    /// point refused before it ran, which counts as bad input too.
+    #[serde(skip)]
+    pub exit_code: Option<i32>,
+    /// Interrupted earlier with the same resolved config and a checkpoint:
+    /// continued with `train --resume` instead of started afresh.
+    #[serde(skip)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,6 +70,9 @@ pub struct Sweep {
     /// The arguments each run's `larslab train` gets before its own overrides.
     #[serde(skip)]
     pub base_args: Vec<String>,
+    /// Stopped by SIGINT or SIGTERM before every run had started or ended.
+    #[serde(skip)]
+    pub interrupted: bool,
 }
 
 /// Splits `KEY=V1,V2,...` at top-level commas (an array value keeps its commas).
@@ -239,6 +250,8 @@ impl Sweep {
                     },
                     error,
                     config,
+                    exit_code: None,
+                    resume: false,
                 });
             }
         }
@@ -264,6 +277,7 @@ impl Sweep {
             seeds,
             runs,
             base_args,
+            interrupted: false,
         };
         sweep.check_same_grid()?;
         Ok(sweep)
@@ -404,9 +418,17 @@ impl Sweep {
             let summary: Option<Summary> = std::fs::read_to_string(dir.join(run_dir::SUMMARY))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
-            let done = summary.is_some_and(|s| s.status != Status::Interrupted);
-            if done && expected.is_some() && expected == written {
+            let same = expected.is_some() && expected == written;
+            let done = summary
+                .as_ref()
+                .is_some_and(|s| s.status != Status::Interrupted);
+            let checkpointed =
+                !crate::checkpoint::steps(&dir.join(run_dir::CHECKPOINTS)).is_empty();
+            if same && done {
                 run.status = RunStatus::Skipped;
+            } else if same && checkpointed {
+                // Interrupted (SIGINT: summary says so) or killed (no summary).
+                run.resume = true;
             } else {
                 std::fs::remove_dir_all(&dir)?;
             }
@@ -416,15 +438,20 @@ impl Sweep {
 
     fn command(&self, run: &PlannedRun, threads: usize) -> Command {
         let mut cmd = Command::new(own_executable());
-        cmd.arg("train").arg("--quiet").args(&self.base_args);
-        for o in &run.overrides {
-            cmd.arg("--set").arg(o);
+        cmd.arg("train").arg("--quiet");
+        if run.resume {
+            cmd.arg("--resume").arg(self.dir.join(&run.name));
+        } else {
+            cmd.args(&self.base_args);
+            for o in &run.overrides {
+                cmd.arg("--set").arg(o);
+            }
+            cmd.args(["--set", "log.hparams_experiment=false", "--out"])
+                .arg(&self.dir)
+                .arg("--name")
+                .arg(&run.name);
         }
-        cmd.args(["--set", "log.hparams_experiment=false", "--out"])
-            .arg(&self.dir)
-            .arg("--name")
-            .arg(&run.name)
-            .env("RAYON_NUM_THREADS", threads.to_string())
+        cmd.env("RAYON_NUM_THREADS", threads.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd
@@ -473,7 +500,15 @@ impl Sweep {
         let bar = progress_bar(pending.len(), quiet);
         let mut queue = pending.into_iter();
         let mut running: Vec<(usize, Child)> = Vec::new();
+        // SIGINT/SIGTERM: no new runs; the running ones (Ctrl-C reaches
+        // their process group too) stop at their next step with a
+        // checkpoint, and a restart resumes them.
+        let interrupt = crate::interrupt::install()?;
         loop {
+            if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                self.interrupted = true;
+                queue = Vec::new().into_iter();
+            }
             while running.len() < jobs {
                 let Some(index) = queue.next() else { break };
                 let child = self.command(&self.runs[index], threads).spawn()?;
@@ -492,6 +527,7 @@ impl Sweep {
             }
             for (slot, index, exit, stderr) in finished.into_iter().rev() {
                 running.remove(slot);
+                self.runs[index].exit_code = exit.code();
                 self.settle(index, exit.success(), &stderr);
                 bar.inc(1);
             }
@@ -523,6 +559,7 @@ impl Sweep {
                 stderr
                     .lines()
                     .last()
+                    .map(|line| line.strip_prefix("error: ").unwrap_or(line))
                     .unwrap_or("the run failed")
                     .to_string(),
             );
@@ -539,6 +576,16 @@ impl Sweep {
             count(RunStatus::Diverged),
             count(RunStatus::Skipped),
         )
+    }
+
+    /// Every run failed, and each for bad input (exit 2, or refused before
+    /// it ran): the sweep's input is bad, not its runs' luck.
+    pub fn all_failed_on_bad_input(&self) -> bool {
+        !self.runs.is_empty()
+            && self
+                .runs
+                .iter()
+                .all(|r| r.status == RunStatus::Failed && r.exit_code.is_none_or(|c| c == 2))
     }
 
     /// The runs that failed, for the final report.
