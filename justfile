@@ -26,10 +26,10 @@ lars-vs-sgd:
 # A diverging SGD run rescued three ways, against LARS from the start (experiments/rescue-after-divergence.toml)
 rescue-demo:
     cargo run --release -- train --config experiments/rescue-after-divergence.toml
-    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars
-    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars --set optimizer.clip=true
+    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars --set optimizer.trust_coefficient=0.01
+    cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.kind=lars --set optimizer.trust_coefficient=0.01 --set optimizer.clip=true
     cargo run --release -- rescue runs/rescue-after-divergence --set optimizer.lr=0.3
-    cargo run --release -- train --config experiments/rescue-after-divergence.toml --name lars-from-start --set optimizer.kind=lars
+    cargo run --release -- train --config experiments/rescue-after-divergence.toml --name lars-from-start --set optimizer.kind=lars --set optimizer.trust_coefficient=0.01
 
 # The isometry grid of experiments/isometry-probe.toml: tanh+orthogonal, tanh+Gaussian, ReLU+Gaussian at depths 8, 32, 64
 isometry:

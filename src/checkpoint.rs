@@ -105,16 +105,28 @@ pub fn load<S: DeserializeOwned>(
     step: u64,
     device: &Device,
 ) -> Result<Checkpoint<S>, UserError> {
+    // A damaged checkpoint names the way out: the complete one before it.
+    let hint = |e: UserError| match (e, steps(dir).into_iter().rfind(|&s| s < step)) {
+        (UserError::DataFile { path, message }, Some(earlier)) => UserError::DataFile {
+            path,
+            message: format!(
+                "{message} (to go on from step {earlier}, the checkpoint before, remove {}/step-{step}.*)",
+                dir.display()
+            ),
+        },
+        (e, _) => e,
+    };
     let path = state_path(dir, step);
-    let text =
-        std::fs::read(&path).map_err(|e| UserError::data(&path, format!("cannot read: {e}")))?;
-    let state = serde_json::from_slice(&text).map_err(|e| {
-        UserError::data(&path, format!("damaged checkpoint state, not loaded: {e}"))
-    })?;
+    let text = std::fs::read(&path)
+        .map_err(|e| UserError::data(&path, format!("cannot read: {e}")))
+        .map_err(hint)?;
+    let state = serde_json::from_slice(&text)
+        .map_err(|e| UserError::data(&path, format!("damaged checkpoint state, not loaded: {e}")))
+        .map_err(hint)?;
     Ok(Checkpoint {
         step,
-        params: read_tensors(&params_path(dir, step), device)?,
-        optimizer: read_tensors(&optim_path(dir, step), device)?,
+        params: read_tensors(&params_path(dir, step), device).map_err(hint)?,
+        optimizer: read_tensors(&optim_path(dir, step), device).map_err(hint)?,
         state,
     })
 }

@@ -162,9 +162,12 @@ pub struct ProbeArgs {
     /// Inputs the Jacobian is taken at (its singular values are pooled over them).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub inputs: u64,
-    /// Also draw the per-layer spreads and the singular-value histogram into this PNG.
+    /// Also draw the per-layer spreads and the singular-value histogram into this PNG (or SVG).
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
+    /// No table on stdout: only the paths written.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

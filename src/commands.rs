@@ -41,9 +41,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
         quiet: args.quiet,
         interrupt: Some(interrupt::install()?),
     };
-    let (config, run_dir, trainer) = match &args.resume {
+    let (config, run_dir, trainer, _lock) = match &args.resume {
         Some(run) => {
             let run_dir = RunDir::open(run)?;
+            let lock = run_dir.lock()?;
             let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.run.overrides)?;
             let checkpoints = run_dir.file(run_dir::CHECKPOINTS);
             let step = *checkpoint::steps(&checkpoints).last().ok_or_else(|| {
@@ -66,13 +67,14 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
                 .into());
             }
             let trainer = Trainer::resume(&config, &checkpoints, step)?;
-            (config, run_dir, trainer)
+            (config, run_dir, trainer, lock)
         }
         None => {
             let config = load_config(&args.run)?;
             let trainer = Trainer::new(&config)?;
             let run_dir = RunDir::create(&args.run.out, &config.name)?;
-            (config, run_dir, trainer)
+            let lock = run_dir.lock()?;
+            (config, run_dir, trainer, lock)
         }
     };
     let mut trainer = trainer;
@@ -92,6 +94,7 @@ pub fn rescue_command(args: &RescueArgs) -> anyhow::Result<Outcome> {
         interrupt: Some(interrupt::install()?),
     };
     let run_dir = RunDir::open(&args.run)?;
+    let _lock = run_dir.lock()?;
     let summary: Summary = run_dir.summary()?.ok_or_else(|| {
         UserError::data(&args.run, "has no summary.json (still running, or killed?); resume it with `larslab train --resume`")
     })?;
@@ -109,7 +112,55 @@ fn outcome(summary: &Summary) -> Outcome {
 pub fn data(command: &DataCommand) -> anyhow::Result<()> {
     let DataCommand::MnistLike(args) = command;
     let (n, test_n) = (args.n as usize, args.test_n as usize);
+    if let Some(path) = &args.preview
+        && path
+            .extension()
+            .is_none_or(|e| !e.eq_ignore_ascii_case("png"))
+    {
+        return Err(UserError::Usage(format!(
+            "--preview {}: the preview is a .png file",
+            path.display()
+        ))
+        .into());
+    }
     let digits = mnist_like::generate(n + test_n, args.seed);
+    // The preview first: when it cannot be written, nothing else is.
+    let mut written: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(path) = &args.preview {
+        let bytes = mnist_like::preview_png(&digits, 100, 10, 3)
+            .map_err(|e| UserError::data(path, format!("cannot draw the preview: {e}")))?;
+        plot::write_figure(path, &bytes)
+            .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
+        written.push(path.clone());
+    }
+    match write_digits(args, &digits, n, test_n, &mut written) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            if let Some(path) = &args.preview {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for path in &written {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The IDX files of `larslab data mnist-like`; each path written is pushed to `written`.
+fn write_digits(
+    args: &crate::cli::MnistLikeArgs,
+    digits: &mnist_like::Digits,
+    n: usize,
+    test_n: usize,
+    written: &mut Vec<std::path::PathBuf>,
+) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
     std::fs::create_dir_all(&args.out)
         .map_err(|e| UserError::data(&args.out, format!("cannot create: {e}")))?;
     let side = mnist_like::SIDE;
@@ -126,23 +177,20 @@ pub fn data(command: &DataCommand) -> anyhow::Result<()> {
         let label_path = args.out.join(format!("{prefix}-labels-idx1-ubyte{ext}"));
         idx::write_u8(&image_path, &[count, side, side], images, args.gzip)
             .map_err(|e| UserError::data(&image_path, format!("cannot write: {e}")))?;
+        written.push(image_path.clone());
         idx::write_u8(&label_path, &[count], labels, args.gzip)
             .map_err(|e| UserError::data(&label_path, format!("cannot write: {e}")))?;
-        println!(
+        written.push(label_path.clone());
+        lines.push(format!(
             "{} ({count} digits), {}",
             image_path.display(),
             label_path.display()
-        );
+        ));
     }
-    if let Some(path) = &args.preview {
-        mnist_like::write_preview(&digits, 100, 10, 3, path)
-            .map_err(|e| UserError::data(path, format!("cannot write the preview: {e}")))?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    Ok(lines)
 }
 
-pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
+pub fn sweep(args: &SweepArgs) -> anyhow::Result<Outcome> {
     let mut sweep = Sweep::plan(
         args.config.as_deref(),
         &args.overrides,
@@ -204,7 +252,7 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             sweep.runs.len(),
             path.display()
         );
-        return Ok(());
+        return Ok(Outcome::Done);
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let base_jobs = sweep
@@ -218,6 +266,23 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
         (cores / 2).max(1)
     });
     sweep.execute(jobs, args.only, args.quiet)?;
+    if sweep.interrupted {
+        eprintln!(
+            "interrupted: {} stopped with checkpoints; the same `larslab sweep` command resumes it",
+            sweep.dir.display()
+        );
+        return Ok(Outcome::Interrupted);
+    }
+    if args.only.is_none() && sweep.all_failed_on_bad_input() {
+        let first = sweep.failures()[0];
+        return Err(UserError::Usage(format!(
+            "every run of the sweep failed (see {}); the first, {}: {}",
+            sweep.dir.join("sweep.json").display(),
+            first.name,
+            first.error.as_deref().unwrap_or("?")
+        ))
+        .into());
+    }
     let failures = sweep.failures();
     for run in &failures {
         eprintln!(
@@ -234,7 +299,7 @@ pub fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
             sweep.runs.len()
         );
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
@@ -260,6 +325,8 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             runs.extend(found);
         }
     }
+    plot::Format::of(&args.out)
+        .map_err(|e| UserError::Usage(format!("--out {}: {e}", args.out.display())))?;
     let layers = args
         .layers
         .as_deref()
@@ -273,6 +340,8 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             .map_or(String::new(), |n| n.to_string_lossy().into_owned())
     };
     let mut curves = Vec::new();
+    // The metric's layers in the runs, matched by --layers or not, to say which of the two found nothing.
+    let mut unmatched: Vec<String> = Vec::new();
     for run in &runs {
         let wanted = |tag: &str| {
             if per_layer {
@@ -282,8 +351,20 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
                 tag == args.metric
             }
         };
-        let found = plot::curves(run, wanted)
-            .map_err(|e| UserError::data(run, format!("cannot read metrics: {e}")))?;
+        if per_layer && layers.is_some() {
+            let all = plot::curves(run, |tag| tag.starts_with(&prefix)).map_err(|e| {
+                UserError::data(&run.join(run_dir::METRICS), format!("cannot read: {e}"))
+            })?;
+            for curve in all {
+                let layer = curve.label.strip_prefix(&prefix).unwrap_or(&curve.label);
+                if !unmatched.iter().any(|l| l == layer) {
+                    unmatched.push(layer.to_string());
+                }
+            }
+        }
+        let found = plot::curves(run, wanted).map_err(|e| {
+            UserError::data(&run.join(run_dir::METRICS), format!("cannot read: {e}"))
+        })?;
         for plot::Curve { label: tag, points } in found {
             let layer = tag.strip_prefix(&prefix).unwrap_or(&tag).to_string();
             let label = match (per_layer, runs.len()) {
@@ -293,6 +374,15 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
             };
             curves.push(plot::Curve { label, points });
         }
+    }
+    if curves.is_empty() && !unmatched.is_empty() {
+        return Err(UserError::Usage(format!(
+            "--layers {}: matches none of {}'s layers ({})",
+            args.layers.as_deref().unwrap_or_default(),
+            args.metric,
+            unmatched.join(", ")
+        ))
+        .into());
     }
     if curves.is_empty() {
         return Err(UserError::Usage(format!(
@@ -305,8 +395,10 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
         [one] => format!("{} — {}", args.metric, file_name(one)),
         _ => args.metric.clone(),
     };
-    plot::line_figure(&curves, &title, &args.metric, args.log_y, &args.out)
+    let bytes = plot::line_figure(&curves, &title, &args.metric, args.log_y, &args.out)
         .map_err(|e| UserError::data(&args.out, format!("cannot draw the figure: {e}")))?;
+    plot::write_figure(&args.out, &bytes)
+        .map_err(|e| UserError::data(&args.out, format!("cannot write the figure: {e}")))?;
     println!("{}", args.out.display());
     Ok(())
 }
@@ -327,16 +419,46 @@ pub fn compare(args: &CompareArgs) -> anyhow::Result<()> {
 }
 
 pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.plot {
+        plot::Format::of(path)
+            .map_err(|e| UserError::Usage(format!("--plot {}: {e}", path.display())))?;
+    }
     let config = load_config(&args.run)?;
     let report = probe::probe(&config, args.inputs as usize)?;
-    let run_dir = RunDir::create(&args.run.out, &config.name)?;
-    run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
-    run_dir.write_json("probe.json", &report)?;
-    print!("{}", probe::table(&report));
+    // The figure first: when it cannot be written, no run directory is left behind.
+    if let Some(path) = &args.plot {
+        let bytes = plot::probe_figure(&report, &config.name, path)
+            .map_err(|e| UserError::data(path, format!("cannot draw the figure: {e}")))?;
+        plot::write_figure(path, &bytes)
+            .map_err(|e| UserError::data(path, format!("cannot write the figure: {e}")))?;
+    }
+    let written = (|| -> anyhow::Result<RunDir> {
+        let run_dir = RunDir::create(&args.run.out, &config.name)?;
+        let fill = || -> anyhow::Result<()> {
+            run_dir.write_text(run_dir::CONFIG, &config.to_toml())?;
+            run_dir.write_json("probe.json", &report)?;
+            Ok(())
+        };
+        if let Err(e) = fill() {
+            let _ = std::fs::remove_dir_all(run_dir.path());
+            return Err(e);
+        }
+        Ok(run_dir)
+    })();
+    let run_dir = match written {
+        Ok(run_dir) => run_dir,
+        Err(e) => {
+            if let Some(path) = &args.plot {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    if !args.quiet {
+        print!("{}", probe::table(&report));
+    }
     println!("{}", run_dir.file("probe.json").display());
     if let Some(path) = &args.plot {
-        plot::probe_figure(&report, &config.name, path)
-            .map_err(|e| UserError::data(path, format!("cannot draw the figure: {e}")))?;
         println!("{}", path.display());
     }
     Ok(())

@@ -603,13 +603,7 @@ impl Config {
     /// Reads a config file, applies `--set` overrides, fills defaults and validates.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, UserError> {
         let (text, source) = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| UserError::ConfigFile {
-                    source_name: path.display().to_string(),
-                    message: format!("cannot read: {e}"),
-                })?;
-                (text, Source::File(path))
-            }
+            Some(path) => (read_config_text(path)?, Source::File(path)),
             None => (DEFAULT_EXPERIMENT.to_string(), Source::BuiltIn),
         };
         let mut table = parse_table(&text, &source)?;
@@ -623,18 +617,155 @@ impl Config {
             };
             table.insert("name".into(), toml::Value::String(name));
         }
+        let file_layer = table.clone();
+        let mut set_layer = toml::Table::new();
         for assignment in overrides {
             apply_override(&mut table, assignment)?;
+            apply_override(&mut set_layer, assignment)?;
         }
         let mut config = from_table(table)?;
         config.validate()?;
+        // Keys the file set for the file's own kinds stay quiet when `--set`
+        // switches the kind; keys `--set` gives must apply to the final kinds.
+        let file_kinds = (
+            kind_in(&file_layer, "optimizer").unwrap_or(OptimizerConfig::default().kind),
+            kind_in(&file_layer, "model").unwrap_or(ModelConfig::default().kind),
+        );
+        let mut file_keys = Vec::new();
+        flatten_table("", &file_layer, &mut file_keys);
+        let mut set_keys = Vec::new();
+        flatten_table("", &set_layer, &mut set_keys);
+        file_keys.retain(|(key, _)| !set_keys.iter().any(|(k, _)| k == key));
+        config.check_applicable(&file_keys, Some(file_kinds))?;
+        config.check_applicable(&set_keys, None)?;
         config.resolve_paths()?;
         Ok(config)
     }
 
-    /// The resolved config as TOML, ready to be written as the run's `config.toml`.
+    /// The resolved config as TOML, ready to be written as the run's
+    /// `config.toml`: every key, defaults filled in, except the keys that
+    /// apply to none of the kinds this config can run with (see
+    /// [`Config::inapplicable_keys`]), so that the file loads again as it is.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a Config always serialises to TOML")
+        let mut table = toml::Table::try_from(self).expect("a Config always serialises to a table");
+        for key in self.inapplicable_keys() {
+            let (section, field) = key.split_once('.').expect("a section key");
+            if let Some(toml::Value::Table(inner)) = table.get_mut(section) {
+                inner.remove(field);
+            }
+        }
+        toml::to_string_pretty(&table).expect("a Config always serialises to TOML")
+    }
+
+    /// The optimizer and model kinds this config can run with: its own, the
+    /// kind a `divergence.rescue` table switches to, and the kinds of a
+    /// `[sweep]` grid.
+    fn reachable_kinds(&self) -> (Vec<OptimizerKind>, Vec<ModelKind>) {
+        let mut optimizers = vec![self.optimizer.kind];
+        let mut models = vec![self.model.kind];
+        let mut values: Vec<(String, toml::Value)> = Vec::new();
+        flatten_table("", &self.divergence.rescue, &mut values);
+        for (key, value) in &self.sweep.grid {
+            if let toml::Value::Array(list) = value {
+                values.extend(list.iter().map(|v| (key.clone(), v.clone())));
+            }
+        }
+        for (key, value) in values {
+            match key.as_str() {
+                "optimizer.kind" => optimizers.extend(value.try_into::<OptimizerKind>().ok()),
+                "model.kind" => models.extend(value.try_into::<ModelKind>().ok()),
+                _ => {}
+            }
+        }
+        // The rescue ladder's LARS rungs switch an SGD-family run to LARS.
+        let d = &self.divergence;
+        if d.action == DivergenceAction::Rescue
+            && d.rescue.is_empty()
+            && matches!(
+                self.optimizer.kind,
+                OptimizerKind::Sgd | OptimizerKind::Lars
+            )
+            && d.ladder
+                .iter()
+                .any(|r| matches!(r, Rung::LarcClip | Rung::LarsPoly))
+        {
+            optimizers.push(OptimizerKind::Lars);
+        }
+        (optimizers, models)
+    }
+
+    /// Dotted keys that apply to none of [`Config::reachable_kinds`].
+    pub fn inapplicable_keys(&self) -> Vec<String> {
+        let (optimizers, models) = self.reachable_kinds();
+        let mut keys = Vec::new();
+        for (field, kinds) in OPTIMIZER_KEYS {
+            if !kinds.iter().any(|k| optimizers.contains(k)) {
+                keys.push(format!("optimizer.{field}"));
+            }
+        }
+        for (field, kinds) in MODEL_KEYS {
+            if !kinds.iter().any(|k| models.contains(k)) {
+                keys.push(format!("model.{field}"));
+            }
+        }
+        keys
+    }
+
+    /// Refuses an explicitly given key (`explicit`: the leaves of one layer,
+    /// the file's or `--set`'s) that does not apply to the config's kinds
+    /// (nor to `also`, the kinds the layer itself chose).
+    fn check_applicable(
+        &self,
+        explicit: &[(String, toml::Value)],
+        also: Option<(OptimizerKind, ModelKind)>,
+    ) -> Result<(), UserError> {
+        let (mut optimizers, mut models) = self.reachable_kinds();
+        if let Some((optimizer, model)) = also {
+            optimizers.push(optimizer);
+            models.push(model);
+        }
+        let name = |kind: &dyn std::fmt::Debug| format!("{kind:?}").to_lowercase();
+        let names = |kinds: &mut dyn Iterator<Item = String>| kinds.collect::<Vec<_>>().join(", ");
+        for (key, _) in explicit {
+            let Some((section, field)) = key.split_once('.') else {
+                continue;
+            };
+            let refused = match section {
+                "optimizer" => OPTIMIZER_KEYS
+                    .iter()
+                    .find(|(f, _)| *f == field)
+                    .filter(|(_, kinds)| !kinds.iter().any(|k| optimizers.contains(k)))
+                    .map(|(_, kinds)| {
+                        (
+                            names(&mut optimizers.iter().map(|k| name(k))),
+                            names(&mut kinds.iter().map(|k| name(k))),
+                        )
+                    }),
+                "model" => MODEL_KEYS
+                    .iter()
+                    .find(|(f, _)| *f == field)
+                    .filter(|(_, kinds)| !kinds.iter().any(|k| models.contains(k)))
+                    .map(|(_, kinds)| {
+                        (
+                            names(&mut models.iter().map(|k| name(k))),
+                            names(&mut kinds.iter().map(|k| name(k))),
+                        )
+                    }),
+                _ => None,
+            };
+            if let Some((chosen, applies)) = refused {
+                let mut chosen: Vec<&str> = chosen.split(", ").collect();
+                chosen.dedup();
+                return Err(UserError::key(
+                    key.clone(),
+                    format!(
+                        "does not apply to {section}.kind = \"{}\" (only to {applies}); remove it",
+                        chosen.join("\" or \"")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Rejects values out of range, naming the dotted key at fault (the
@@ -718,6 +849,7 @@ impl Config {
         }
         let changed = from_table(table).map_err(within)?;
         changed.validate_settings().map_err(within)?;
+        changed.check_applicable(overrides, None).map_err(within)?;
         Ok(changed)
     }
 
@@ -795,11 +927,9 @@ impl Config {
             &format!("a layer of more than {MAX_LAYER_WEIGHTS} weights would not fit in memory"),
         )?;
         match m.kind {
-            ModelKind::Mlp => {
-                let cnn_only = "applies to model.kind = \"cnn\" only";
-                check(m.conv.is_empty(), "model.conv", cnn_only)?;
-                check(!m.batch_norm, "model.batch_norm", cnn_only)?;
-            }
+            // The CNN-only keys given explicitly with an MLP are refused by
+            // `check_applicable`; their defaults go unused.
+            ModelKind::Mlp => {}
             ModelKind::Cnn => {
                 check(
                     !m.conv.is_empty(),
@@ -829,7 +959,11 @@ impl Config {
             "must be finite in f32",
         )?;
         self.check_sizes()?;
-        check(m.bias_init.is_finite(), "model.bias_init", "must be finite")?;
+        check(
+            (m.bias_init as f32).is_finite(),
+            "model.bias_init",
+            "must be finite in f32",
+        )?;
         check(
             (0.0..1.0).contains(&m.dropout),
             "model.dropout",
@@ -896,6 +1030,7 @@ impl Config {
             "train.keep_checkpoints",
             "must be at least 1",
         )?;
+        self.check_sweep_table()?;
         let v = &self.divergence;
         check(
             v.loss_factor == 0.0 || (v.loss_factor.is_finite() && v.loss_factor > 1.0),
@@ -954,6 +1089,64 @@ impl Config {
         Ok(())
     }
 
+    /// A `[sweep]` table that `larslab sweep` could expand: every grid entry
+    /// a non-empty list of distinct values under a config key, no grid
+    /// entry for `seed` or `name`, distinct seeds. (A value of the wrong type
+    /// is left to its run, which fails alone.)
+    fn check_sweep_table(&self) -> Result<(), UserError> {
+        let base = toml::Table::try_from(self).expect("a Config always serialises to a table");
+        for (key, values) in &self.sweep.grid {
+            let at = format!("sweep.grid.{key}");
+            match key.as_str() {
+                "seed" => {
+                    return Err(UserError::key(
+                        at,
+                        "seeds are a sweep's own axis: give them as sweep.seeds (or --seeds)",
+                    ));
+                }
+                "name" => return Err(UserError::key(at, "a sweep names its runs itself")),
+                _ if key.starts_with("sweep.") => {
+                    return Err(UserError::key(at, "a grid cannot vary the sweep itself"));
+                }
+                _ => {}
+            }
+            let toml::Value::Array(values) = values else {
+                return Err(UserError::key(at, "must be a list of values"));
+            };
+            check(!values.is_empty(), &at, "must list at least one value")?;
+            if let Some(twice) = first_repeat(values) {
+                return Err(UserError::key(
+                    at,
+                    format!("lists the value {twice} twice (it would run twice)"),
+                ));
+            }
+            for value in values {
+                let mut table = base.clone();
+                let unknown = match set_dotted(&mut table, key, value.clone()) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => match from_table(table) {
+                        Err(UserError::ConfigKey { key: k, message })
+                            if message.starts_with("unknown field") =>
+                        {
+                            Some(format!("`{k}` is not a config key"))
+                        }
+                        _ => None,
+                    },
+                };
+                if let Some(why) = unknown {
+                    return Err(UserError::key(at, why));
+                }
+            }
+        }
+        if let Some(twice) = first_repeat(&self.sweep.seeds) {
+            return Err(UserError::key(
+                "sweep.seeds",
+                format!("lists seed {twice} twice"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Every leaf of the config as a dotted key and its value, in file order
     /// (`divergence.rescue`'s overrides are left out: they are not settings of this run).
     pub fn flatten(&self) -> Vec<(String, toml::Value)> {
@@ -998,6 +1191,91 @@ const MAX_LAYER_WEIGHTS: usize = 1 << 30;
 const MAX_KERNEL: usize = 64;
 const MAX_DATA_VALUES: usize = 1 << 32;
 
+/// The `[optimizer]` keys that only some kinds use (the others apply to every kind).
+/// LAMB takes neither `trust_coefficient` nor `eps`: optax.lamb has no trust
+/// coefficient and its only eps is Adam's (`adam_eps`).
+const OPTIMIZER_KEYS: &[(&str, &[OptimizerKind])] = {
+    use OptimizerKind::{Adamw, Lamb, Lars, Sgd};
+    &[
+        ("momentum", &[Sgd, Lars]),
+        ("nesterov", &[Sgd, Lars]),
+        ("trust_coefficient", &[Lars]),
+        ("eps", &[Lars]),
+        ("denominator", &[Lars]),
+        ("clip", &[Lars]),
+        ("exclude_1d", &[Lars, Lamb, Adamw]),
+        ("beta1", &[Lamb, Adamw]),
+        ("beta2", &[Lamb, Adamw]),
+        ("adam_eps", &[Lamb, Adamw]),
+    ]
+};
+
+/// The `[model]` keys that only convolutional models use.
+const MODEL_KEYS: &[(&str, &[ModelKind])] = &[
+    ("conv", &[ModelKind::Cnn]),
+    ("batch_norm", &[ModelKind::Cnn]),
+    ("pool", &[ModelKind::Cnn]),
+    ("padding", &[ModelKind::Cnn]),
+];
+
+/// The largest config file read: a config is a page of text, and a device
+/// (`/dev/zero`) or a wrong path to a data file must not be read whole.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file as UTF-8 text, at most [`MAX_CONFIG_BYTES`].
+fn read_config_text(path: &Path) -> Result<String, UserError> {
+    use std::io::Read;
+    let fail = |message: String| UserError::ConfigFile {
+        source_name: path.display().to_string(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(fail("cannot read: is a directory".into()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!(
+            "larger than {} MiB: not a config file",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+        return Err(fail(
+            "is UTF-16 text; a config must be UTF-8 (save it as UTF-8)".into(),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        fail(format!(
+            "line {line}: byte 0x{:02X} is not UTF-8 (Latin-1 or another encoding?); a config must be UTF-8",
+            bytes[at]
+        ))
+    })
+}
+
+/// The first value that occurs twice in `values`, shown as TOML.
+pub fn first_repeat<T: PartialEq + std::fmt::Display>(values: &[T]) -> Option<String> {
+    values
+        .iter()
+        .enumerate()
+        .find(|(i, v)| values[..*i].contains(v))
+        .map(|(_, v)| v.to_string())
+}
+
+/// The `kind` a layer's table gives a section, if it gives one that parses.
+fn kind_in<K: serde::de::DeserializeOwned>(table: &toml::Table, section: &str) -> Option<K> {
+    match table.get(section)? {
+        toml::Value::Table(inner) => inner.get("kind")?.clone().try_into().ok(),
+        _ => None,
+    }
+}
+
 /// The built-in experiment that `larslab train` runs without `--config`.
 pub const DEFAULT_EXPERIMENT: &str = include_str!("../experiments/default.toml");
 
@@ -1020,8 +1298,21 @@ fn parse_table(text: &str, source: &Source) -> Result<toml::Table, UserError> {
                 Some(span) => format!("{}: line {}", source.describe(), line_of(text, span.start)),
                 None => source.describe(),
             },
-            message: e.message().trim().to_string(),
+            message: out_of_range(e.message().trim()),
         })
+}
+
+/// toml's message for an integer past 64 bits names its own i128 parse;
+/// the user needs to hear that the number is too large.
+fn out_of_range(message: &str) -> String {
+    match message.strip_prefix("invalid type: integer `") {
+        Some(rest) if rest.contains("` as i128") => format!(
+            "integer {} is out of range (TOML integers are 64-bit: at most {})",
+            rest.split('`').next().unwrap_or_default(),
+            i64::MAX
+        ),
+        _ => message.to_string(),
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -1091,7 +1382,28 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), U
             "--set `{assignment}`: `{key}` is not a dotted config key"
         )));
     }
-    set_dotted(table, key, parse_value(value.trim()))
+    let value = value.trim();
+    let parsed = parse_value(value);
+    if matches!(parsed, toml::Value::String(_)) && looks_numeric(value) {
+        return Err(UserError::key(
+            key,
+            format!(
+                "`{value}` is not a TOML number: out of range (integers are 64-bit, at most {}; floats are f64) or malformed (leading zeros); quote it for a string",
+                i64::MAX
+            ),
+        ));
+    }
+    set_dotted(table, key, parsed)
+}
+
+/// Text that reads as a number (digits, an optional sign, point and exponent)
+/// although TOML could not take it: a number out of range, not a word.
+fn looks_numeric(text: &str) -> bool {
+    static NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^[+-]?[0-9][0-9_]*(\.[0-9_]+)?([eE][+-]?[0-9_]+)?$")
+            .expect("a valid pattern")
+    });
+    NUMBER.is_match(text)
 }
 
 /// Sets the value at a dotted key, creating the tables on the way.
@@ -1223,6 +1535,233 @@ mod tests {
         ] {
             assert_eq!(rejected_key(assignment), key, "{assignment}");
         }
+    }
+
+    /// Every float key refuses NaN and both infinities, from `--set` (and so from a file).
+    #[test]
+    fn every_float_key_refuses_nan_and_infinity() {
+        let floats: Vec<String> = Config::default()
+            .flatten()
+            .into_iter()
+            .filter(|(_, v)| matches!(v, toml::Value::Float(_)))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(floats.len() >= 19, "{floats:?}");
+        for key in &floats {
+            for value in ["nan", "inf", "-inf", "1e300"] {
+                if value == "1e300" && key.starts_with("divergence.") {
+                    continue; // large finite factors are legal there
+                }
+                let assignment = format!("{key}={value}");
+                match Config::load(None, std::slice::from_ref(&assignment)) {
+                    Err(UserError::ConfigKey { key: k, .. }) => assert_eq!(&k, key, "{assignment}"),
+                    Err(other) if value == "1e300" => panic!("{assignment}: {other}"),
+                    Ok(_) if value == "1e300" => {}
+                    other => panic!("{assignment}: expected a config key error, got {other:?}"),
+                }
+            }
+        }
+        // Finite in f64, infinite in the model's f32.
+        assert_eq!(rejected_key("model.bias_init=1e300"), "model.bias_init");
+    }
+
+    fn rejected_message(file: &str, assignments: &[&str]) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        let overrides: Vec<String> = assignments.iter().map(|a| a.to_string()).collect();
+        match Config::load(Some(&path), &overrides) {
+            Err(UserError::ConfigKey { key, message }) => (key, message),
+            other => panic!("{file} {assignments:?}: expected a config key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_that_do_not_apply_to_the_kind_are_errors_naming_key_and_kind() {
+        for (file, set, key, kind) in [
+            (
+                "[optimizer]\nkind = 'adamw'\nmomentum = 0.5\n",
+                "",
+                "optimizer.momentum",
+                "adamw",
+            ),
+            (
+                "",
+                "optimizer.kind=adamw,optimizer.nesterov=true",
+                "optimizer.nesterov",
+                "adamw",
+            ),
+            (
+                "[optimizer]\nkind = 'lamb'\n",
+                "optimizer.trust_coefficient=0.01",
+                "optimizer.trust_coefficient",
+                "lamb",
+            ),
+            (
+                "[optimizer]\nkind = 'lamb'\neps = 1e-6\n",
+                "",
+                "optimizer.eps",
+                "lamb",
+            ),
+            (
+                "[optimizer]\nkind = 'sgd'\nexclude_1d = false\n",
+                "",
+                "optimizer.exclude_1d",
+                "sgd",
+            ),
+            (
+                "[optimizer]\nkind = 'lars'\nbeta1 = 0.8\n",
+                "",
+                "optimizer.beta1",
+                "lars",
+            ),
+            ("", "optimizer.adam_eps=1e-6", "optimizer.adam_eps", "sgd"),
+            ("[model]\nconv = [[8, 5]]\n", "", "model.conv", "mlp"),
+            (
+                "[model]\nbatch_norm = false\n",
+                "",
+                "model.batch_norm",
+                "mlp",
+            ),
+            ("", "model.pool=avg", "model.pool", "mlp"),
+            ("[model]\npadding = 'valid'\n", "", "model.padding", "mlp"),
+            // The file sets momentum for its own sgd; `--set` switching to adamw
+            // leaves it quiet, but `--set` giving it again with adamw does not.
+            (
+                "[optimizer]\nmomentum = 0.5\n",
+                "optimizer.kind=adamw,optimizer.momentum=0.5",
+                "optimizer.momentum",
+                "adamw",
+            ),
+        ] {
+            let set: Vec<&str> = set.split(',').filter(|a| !a.is_empty()).collect();
+            let (got, message) = rejected_message(file, &set);
+            assert_eq!(got, key, "{file} {set:?}");
+            assert!(message.contains(&format!("kind = \"{kind}\"")), "{message}");
+        }
+        assert_eq!(
+            rejected_key(
+                "divergence.rescue={\"optimizer.kind\" = \"adamw\", \"optimizer.momentum\" = 0.1}"
+            ),
+            "divergence.rescue: optimizer.momentum"
+        );
+    }
+
+    #[test]
+    fn keys_for_a_kind_the_config_can_reach_are_accepted() {
+        let load = |file: &str, set: &[&str]| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, file).unwrap();
+            let set: Vec<String> = set.iter().map(|a| a.to_string()).collect();
+            Config::load(Some(&path), &set).unwrap_or_else(|e| panic!("{file} {set:?}: {e}"))
+        };
+        // The file's kind, switched by --set: the file's LARS keys stay quiet.
+        load(
+            "[optimizer]\nkind = 'lars'\ntrust_coefficient = 0.01\n",
+            &["optimizer.kind=sgd"],
+        );
+        load(
+            "[model]\nkind = 'cnn'\nconv = [[4, 3]]\npool = 'avg'\n",
+            &["model.kind=mlp"],
+        );
+        // A rescue that switches to lars, and a grid over kinds.
+        load(
+            "[optimizer]\ntrust_coefficient = 0.01\n[divergence.rescue]\n\"optimizer.kind\" = 'lars'\n",
+            &[],
+        );
+        load(
+            "[optimizer]\nclip = false\n[sweep]\ngrid = { \"optimizer.kind\" = ['sgd', 'lars'] }\n",
+            &[],
+        );
+        let config = load("[optimizer]\nkind = 'adamw'\n", &[]);
+        let written = config.to_toml();
+        assert!(!written.contains("momentum") && !written.contains("trust_coefficient"));
+        assert!(
+            written.contains("beta1") && !written.contains("\npool"),
+            "{written}"
+        );
+    }
+
+    /// Every experiment loads, and the config.toml its run writes loads again to the same text.
+    #[test]
+    fn every_experiment_and_its_written_config_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let experiments = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(experiments).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let config = Config::load(Some(&path), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let written = dir.path().join("config.toml");
+            std::fs::write(&written, config.to_toml()).unwrap();
+            let again = Config::load(Some(&written), &[])
+                .unwrap_or_else(|e| panic!("{}'s written config: {e}", path.display()));
+            assert_eq!(again.to_toml(), config.to_toml(), "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 8);
+    }
+
+    #[test]
+    fn config_files_that_are_not_configs_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = |path: &Path| match Config::load(Some(path), &[]) {
+            Err(e @ UserError::ConfigFile { .. }) => e.to_string(),
+            other => panic!(
+                "{}: expected a config file error, got {other:?}",
+                path.display()
+            ),
+        };
+        assert!(message(Path::new("/dev/zero")).contains("larger than 1 MiB"));
+        let utf16 = dir.path().join("utf16.toml");
+        std::fs::write(&utf16, [0xFF, 0xFE, b's', 0, b'=', 0, b'1', 0]).unwrap();
+        assert!(message(&utf16).contains("UTF-16"));
+        let latin1 = dir.path().join("latin1.toml");
+        std::fs::write(&latin1, b"seed = 1\nname = \"caf\xe9\"\n").unwrap();
+        assert!(message(&latin1).contains("line 2: byte 0xE9 is not UTF-8"));
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "seed = 99999999999999999999\n").unwrap();
+        assert!(message(&big).contains("integer 99999999999999999999 is out of range"));
+        match Config::load(None, &["seed=99999999999999999999".into()]) {
+            Err(UserError::ConfigKey { key, message }) => {
+                assert_eq!(key, "seed");
+                assert!(message.contains("out of range"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A word stays a string.
+        assert_eq!(rejected_key("train.steps=many"), "train.steps");
+    }
+
+    #[test]
+    fn train_validates_the_sweep_table() {
+        for (grid, needle) in [
+            ("grid = { \"optimizer.lr\" = 0.1 }", "must be a list"),
+            ("grid = { \"optimizer.lr\" = [] }", "at least one value"),
+            (
+                "grid = { \"optimizer.lr\" = [0.1, 0.1] }",
+                "lists the value 0.1 twice",
+            ),
+            (
+                "grid = { \"optimizer.lrr\" = [0.1] }",
+                "`optimizer.lrr` is not a config key",
+            ),
+            ("grid = { seed = [1, 2] }", "sweep.seeds"),
+            ("seeds = [1, 1]", "seed 1 twice"),
+        ] {
+            let (key, message) = rejected_message(&format!("[sweep]\n{grid}\n"), &[]);
+            assert!(key.starts_with("sweep."), "{grid}: {key}");
+            assert!(message.contains(needle), "{grid}: {message}");
+        }
+        // A bad value (not a bad key) is left to its own run.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[sweep]\ngrid = { \"optimizer.lr\" = [0.1, -1] }\n").unwrap();
+        Config::load(Some(&path), &[]).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ fn main() {
     let result = match &cli.command {
         Command::Train(args) => commands::train(args),
         Command::Rescue(args) => commands::rescue_command(args),
-        Command::Sweep(args) => commands::sweep(args).map(|()| Outcome::Done),
+        Command::Sweep(args) => commands::sweep(args),
         Command::Plot(args) => commands::plot(args).map(|()| Outcome::Done),
         Command::Compare(args) => commands::compare(args).map(|()| Outcome::Done),
         Command::Data(command) => commands::data(command).map(|()| Outcome::Done),

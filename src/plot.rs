@@ -29,9 +29,86 @@ fn to_io<E: std::fmt::Display>(e: E) -> std::io::Error {
 /// The probe's figure: per-layer spreads of the forward signal and of the
 /// back-propagated gradient (log scale), and the histogram of the Jacobian's
 /// singular values.
-pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::Result<()> {
+/// Drawn in memory as PNG or SVG bytes (by `path`'s extension), for [`write_figure`].
+pub fn probe_figure(report: &ProbeReport, title: &str, path: &Path) -> std::io::Result<Vec<u8>> {
+    let bytes = match Format::of(path)? {
+        Format::Png => {
+            let (w, h) = (1200, 500);
+            let mut rgb = vec![0u8; (w * h * 3) as usize];
+            draw_probe(
+                BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area(),
+                report,
+                title,
+            )?;
+            encode_png(&rgb, w, h)?
+        }
+        Format::Svg => {
+            let mut text = String::new();
+            draw_probe(
+                SVGBackend::with_string(&mut text, (1200, 500)).into_drawing_area(),
+                report,
+                title,
+            )?;
+            text.into_bytes()
+        }
+    };
+    Ok(bytes)
+}
+
+/// A figure's file format, from its path's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Png,
+    Svg,
+}
+
+impl Format {
+    /// `.png` or `.svg` (any case); anything else is refused before drawing.
+    pub fn of(path: &Path) -> std::io::Result<Format> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("png") => Ok(Format::Png),
+            Some("svg") => Ok(Format::Svg),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a figure is a .png or .svg file",
+            )),
+        }
+    }
+}
+
+/// RGB pixels as PNG bytes.
+fn encode_png(rgb: &[u8], width: u32, height: u32) -> std::io::Result<Vec<u8>> {
+    let to_io = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    };
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(to_io)?;
+        writer.write_image_data(rgb).map_err(to_io)?;
+        writer.finish().map_err(to_io)?;
+    }
+    Ok(bytes)
+}
+
+/// Writes a figure drawn in memory, atomically: a figure that cannot be
+/// written fails with the file system's own message, and never leaves half a file.
+pub fn write_figure(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::fsutil::atomic_write(path, bytes)
+}
+
+fn draw_probe<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    report: &ProbeReport,
+    title: &str,
+) -> std::io::Result<()> {
     register_font();
-    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(to_io)?;
     let root = root.titled(title, ("sans-serif", 22)).map_err(to_io)?;
     let (left, right) = root.split_horizontally(600);
@@ -207,35 +284,41 @@ pub fn curves(run: &Path, wanted: impl Fn(&str) -> bool) -> std::io::Result<Vec<
         .collect())
 }
 
-/// Draws curves over steps into a PNG or, for a `.svg` path, an SVG.
+/// Draws curves over steps as PNG or, for a `.svg` path, SVG bytes, for [`write_figure`].
 pub fn line_figure(
     curves: &[Curve],
     title: &str,
     y_label: &str,
     log_y: bool,
     path: &Path,
-) -> std::io::Result<()> {
+) -> std::io::Result<Vec<u8>> {
     register_font();
-    let svg = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
-    if svg {
-        draw_lines(
-            SVGBackend::new(path, (1000, 600)).into_drawing_area(),
-            curves,
-            title,
-            y_label,
-            log_y,
-        )
-    } else {
-        draw_lines(
-            BitMapBackend::new(path, (1000, 600)).into_drawing_area(),
-            curves,
-            title,
-            y_label,
-            log_y,
-        )
-    }
+    let bytes = match Format::of(path)? {
+        Format::Svg => {
+            let mut text = String::new();
+            draw_lines(
+                SVGBackend::with_string(&mut text, (1000, 600)).into_drawing_area(),
+                curves,
+                title,
+                y_label,
+                log_y,
+            )?;
+            text.into_bytes()
+        }
+        Format::Png => {
+            let (w, h) = (1000, 600);
+            let mut rgb = vec![0u8; (w * h * 3) as usize];
+            draw_lines(
+                BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area(),
+                curves,
+                title,
+                y_label,
+                log_y,
+            )?;
+            encode_png(&rgb, w, h)?
+        }
+    };
+    Ok(bytes)
 }
 
 fn draw_lines<DB: DrawingBackend>(

@@ -12,6 +12,12 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const SUMMARY: &str = "summary.json";
 pub const CHECKPOINTS: &str = "checkpoints";
 
+/// Holds a run directory's lock ([`RunDir::lock`]) while it lives.
+#[derive(Debug)]
+pub struct RunLock {
+    _dir: Option<std::fs::File>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
@@ -64,13 +70,38 @@ impl RunDir {
         })
     }
 
+    /// Takes the run directory for this process: a second `train`, `train
+    /// --resume` or `rescue` on it while this one trains is refused instead
+    /// of interleaving their metrics and checkpoints. An advisory lock on the
+    /// directory itself (flock), released when the guard drops or the process
+    /// dies; where the file system has no locks, nothing is locked.
+    pub fn lock(&self) -> Result<RunLock, crate::error::UserError> {
+        let dir = std::fs::File::open(&self.path)
+            .map_err(|e| crate::error::UserError::data(&self.path, format!("cannot open: {e}")))?;
+        match dir.try_lock() {
+            Ok(()) => Ok(RunLock { _dir: Some(dir) }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(crate::error::UserError::data(
+                &self.path,
+                "is in use: another larslab process is training in it (wait for it to end, or stop it)",
+            )),
+            Err(std::fs::TryLockError::Error(_)) => Ok(RunLock { _dir: None }),
+        }
+    }
+
     /// The run's `summary.json`, if it has one.
     pub fn summary<T: serde::de::DeserializeOwned>(
         &self,
     ) -> Result<Option<T>, crate::error::UserError> {
         let path = self.file(SUMMARY);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(None);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(crate::error::UserError::data(
+                    &path,
+                    format!("not a readable summary: {e}"),
+                ));
+            }
         };
         serde_json::from_str(&text).map(Some).map_err(|e| {
             crate::error::UserError::data(&path, format!("not a readable summary: {e}"))

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, parse_value};
+use crate::config::{Config, first_repeat, parse_value};
 use crate::error::UserError;
 use crate::fsutil::atomic_write;
 use crate::run_dir;
@@ -35,6 +35,14 @@ pub struct PlannedRun {
     pub status: RunStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failed run's exit status (2: its input was bad); `None` for a
+    /// point refused before it ran, which counts as bad input too.
+    #[serde(skip)]
+    pub exit_code: Option<i32>,
+    /// Interrupted earlier with the same resolved config and a checkpoint:
+    /// continued with `train --resume` instead of started afresh.
+    #[serde(skip)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,6 +70,9 @@ pub struct Sweep {
     /// The arguments each run's `larslab train` gets before its own overrides.
     #[serde(skip)]
     pub base_args: Vec<String>,
+    /// Stopped by SIGINT or SIGTERM before every run had started or ended.
+    #[serde(skip)]
+    pub interrupted: bool,
 }
 
 /// Splits `KEY=V1,V2,...` at top-level commas (an array value keeps its commas).
@@ -126,16 +137,61 @@ impl Sweep {
             };
             grid.push((key.clone(), values.iter().map(|v| v.to_string()).collect()));
         }
+        let file_keys: Vec<String> = grid.iter().map(|(k, _)| k.clone()).collect();
+        let mut given: Vec<String> = Vec::new();
         for spec in grid_args {
             let (key, values) = parse_grid(spec)?;
+            if given.contains(&key) {
+                return Err(UserError::Usage(format!(
+                    "--grid {key}=... is given twice; list every value in one --grid {key}=V1,V2,..."
+                )));
+            }
+            if key == "seed" {
+                return Err(UserError::Usage(
+                    "--grid seed=...: seeds are a sweep's own axis; give them with --seeds S1,S2,..."
+                        .into(),
+                ));
+            }
+            let parsed: Vec<toml::Value> = values.iter().map(|v| parse_value(v)).collect();
+            if let Some(twice) = first_repeat(&parsed) {
+                return Err(UserError::Usage(format!(
+                    "--grid {spec}: the value {twice} is listed twice (it would run twice)"
+                )));
+            }
+            given.push(key.clone());
             grid.retain(|(k, _)| *k != key);
             grid.push((key, values));
+        }
+        // A key both fixed by --set and varied by the grid: neither may win silently.
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            let varied = grid.iter().find(|(k, _)| {
+                k == key || k.starts_with(&format!("{key}.")) || key.starts_with(&format!("{k}."))
+            });
+            if let Some((axis, _)) = varied {
+                let place = if given.contains(axis) {
+                    format!("--grid {axis}=...")
+                } else {
+                    let file = config_path
+                        .map_or("the built-in config".into(), |p| p.display().to_string());
+                    debug_assert!(file_keys.contains(axis));
+                    format!("the [sweep] grid of {file}")
+                };
+                return Err(UserError::Usage(format!(
+                    "--set {o} fixes `{key}`, which {place} varies; drop one (to run only some values, give them with --grid {axis}=V1,...)"
+                )));
+            }
         }
         let seeds: Vec<u64> = match seeds_arg {
             Some(seeds) => seeds.to_vec(),
             None if !base.sweep.seeds.is_empty() => base.sweep.seeds.clone(),
             None => vec![base.seed],
         };
+        if let Some(twice) = first_repeat(&seeds) {
+            return Err(UserError::Usage(format!(
+                "--seeds: seed {twice} is listed twice (it would run twice)"
+            )));
+        }
         let name = name.map_or_else(|| format!("{}-sweep", base.name), str::to_string);
         if name.trim().is_empty() || name.contains(['/', '\\', '\n']) || name == "." || name == ".."
         {
@@ -194,7 +250,17 @@ impl Sweep {
                     },
                     error,
                     config,
+                    exit_code: None,
+                    resume: false,
                 });
+            }
+        }
+        for (i, run) in runs.iter().enumerate() {
+            if let Some(other) = runs[..i].iter().find(|r| r.name == run.name) {
+                return Err(UserError::Usage(format!(
+                    "grid points {} and {} would both be named `{}` (values that differ only in spaces, quotes or slashes); make them distinct",
+                    other.index, run.index, run.name
+                )));
             }
         }
         // A grid whose every point is invalid (a misspelt key, say) is a usage error, not N failed runs.
@@ -204,14 +270,46 @@ impl Sweep {
                 "every run of the grid is invalid: {first}"
             )));
         }
-        Ok(Sweep {
+        let sweep = Sweep {
             name,
             dir,
             grid,
             seeds,
             runs,
             base_args,
-        })
+            interrupted: false,
+        };
+        sweep.check_same_grid()?;
+        Ok(sweep)
+    }
+
+    /// A sweep directory that holds runs this grid does not have (another
+    /// grid's, other seeds') is refused: started here, this sweep would
+    /// overwrite their `sweep.json` and mix its runs with theirs. A restart
+    /// with the same grid, or one that adds values or fixes a bad one, keeps
+    /// every run that exists.
+    fn check_same_grid(&self) -> Result<(), UserError> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        let mut foreign: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(run_dir::CONFIG).is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !self.runs.iter().any(|r| &r.name == name))
+            .collect();
+        foreign.sort();
+        match foreign.first() {
+            None => Ok(()),
+            Some(first) => Err(UserError::data(
+                &self.dir,
+                format!(
+                    "holds {} run(s) of another grid or other seeds (`{first}`{}); give this sweep another --name (or remove them)",
+                    foreign.len(),
+                    if foreign.len() > 1 { ", ..." } else { "" }
+                ),
+            )),
+        }
     }
 
     /// The resolved config a run will write, exactly as its `train` process resolves it.
@@ -320,9 +418,17 @@ impl Sweep {
             let summary: Option<Summary> = std::fs::read_to_string(dir.join(run_dir::SUMMARY))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
-            let done = summary.is_some_and(|s| s.status != Status::Interrupted);
-            if done && expected.is_some() && expected == written {
+            let same = expected.is_some() && expected == written;
+            let done = summary
+                .as_ref()
+                .is_some_and(|s| s.status != Status::Interrupted);
+            let checkpointed =
+                !crate::checkpoint::steps(&dir.join(run_dir::CHECKPOINTS)).is_empty();
+            if same && done {
                 run.status = RunStatus::Skipped;
+            } else if same && checkpointed {
+                // Interrupted (SIGINT: summary says so) or killed (no summary).
+                run.resume = true;
             } else {
                 std::fs::remove_dir_all(&dir)?;
             }
@@ -331,17 +437,21 @@ impl Sweep {
     }
 
     fn command(&self, run: &PlannedRun, threads: usize) -> Command {
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("larslab"));
-        let mut cmd = Command::new(exe);
-        cmd.arg("train").arg("--quiet").args(&self.base_args);
-        for o in &run.overrides {
-            cmd.arg("--set").arg(o);
+        let mut cmd = Command::new(own_executable());
+        cmd.arg("train").arg("--quiet");
+        if run.resume {
+            cmd.arg("--resume").arg(self.dir.join(&run.name));
+        } else {
+            cmd.args(&self.base_args);
+            for o in &run.overrides {
+                cmd.arg("--set").arg(o);
+            }
+            cmd.args(["--set", "log.hparams_experiment=false", "--out"])
+                .arg(&self.dir)
+                .arg("--name")
+                .arg(&run.name);
         }
-        cmd.args(["--set", "log.hparams_experiment=false", "--out"])
-            .arg(&self.dir)
-            .arg("--name")
-            .arg(&run.name)
-            .env("RAYON_NUM_THREADS", threads.to_string())
+        cmd.env("RAYON_NUM_THREADS", threads.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd
@@ -391,7 +501,15 @@ impl Sweep {
         let bar = progress_bar(pending.len(), quiet);
         let mut queue = pending.into_iter();
         let mut running: Vec<(usize, Child)> = Vec::new();
+        // SIGINT/SIGTERM: no new runs; the running ones (Ctrl-C reaches
+        // their process group too) stop at their next step with a
+        // checkpoint, and a restart resumes them.
+        let interrupt = crate::interrupt::install()?;
         loop {
+            if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                self.interrupted = true;
+                queue = Vec::new().into_iter();
+            }
             while running.len() < jobs {
                 let Some(index) = queue.next() else { break };
                 let child = self.command(&self.runs[index], threads).spawn()?;
@@ -410,6 +528,7 @@ impl Sweep {
             }
             for (slot, index, exit, stderr) in finished.into_iter().rev() {
                 running.remove(slot);
+                self.runs[index].exit_code = exit.code();
                 self.settle(index, exit.success(), &stderr);
                 bar.inc(1);
             }
@@ -441,6 +560,7 @@ impl Sweep {
                 stderr
                     .lines()
                     .last()
+                    .map(|line| line.strip_prefix("error: ").unwrap_or(line))
                     .unwrap_or("the run failed")
                     .to_string(),
             );
@@ -459,6 +579,16 @@ impl Sweep {
         )
     }
 
+    /// Every run failed, and each for bad input (exit 2, or refused before
+    /// it ran): the sweep's input is bad, not its runs' luck.
+    pub fn all_failed_on_bad_input(&self) -> bool {
+        !self.runs.is_empty()
+            && self
+                .runs
+                .iter()
+                .all(|r| r.status == RunStatus::Failed && r.exit_code.is_none_or(|c| c == 2))
+    }
+
     /// The runs that failed, for the final report.
     pub fn failures(&self) -> Vec<&PlannedRun> {
         self.runs
@@ -466,6 +596,17 @@ impl Sweep {
             .filter(|r| r.status == RunStatus::Failed)
             .collect()
     }
+}
+
+/// The binary the sweep runs its runs with: on Linux the very file this
+/// process was started from (`/proc/self/exe` resolves to its inode even
+/// after a rebuild replaced or deleted the path), elsewhere `current_exe()`.
+fn own_executable() -> PathBuf {
+    let proc_self = Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_self.exists() {
+        return proc_self.to_path_buf();
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("larslab"))
 }
 
 fn read_all(mut r: impl std::io::Read) -> String {

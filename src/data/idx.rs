@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 
 use crate::error::UserError;
 
@@ -69,12 +69,41 @@ impl IdxType {
     }
 }
 
-/// An IDX array, values widened to f32 (labels and grey levels are exact in f32).
+/// An IDX array: u8 values as they are, other types widened to f32
+/// (labels and grey levels are exact in f32).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdxArray {
     pub dtype: IdxType,
     pub dims: Vec<usize>,
-    pub values: Vec<f32>,
+    pub values: Values,
+}
+
+/// An IDX array's values: u8 kept as bytes (a quarter of the memory), the rest as f32.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl Values {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::U8(v) => v.len(),
+            Values::F32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every value widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Values::U8(v) => v.iter().map(|&b| b as f32).collect(),
+            Values::F32(v) => v.clone(),
+        }
+    }
 }
 
 /// Refuse arrays beyond this many values (16 GiB of f32): a header claiming
@@ -89,16 +118,47 @@ pub fn read(path: &Path) -> Result<IdxArray, UserError> {
     }
     let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let file_len = file.metadata().map(|m| m.len()).ok();
-    let (mut reader, gzip) = open_maybe_gzip(file).map_err(|e| err(format!("cannot read: {e}")))?;
-    decode(&mut reader, (!gzip).then_some(file_len).flatten()).map_err(err)
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let gzip = {
+        use std::io::BufRead;
+        reader
+            .fill_buf()
+            .map_err(|e| err(format!("cannot read: {e}")))?
+            .starts_with(&[0x1f, 0x8b])
+    };
+    if gzip {
+        let mut decoder = GzDecoder::new(reader);
+        let array = decode(&mut decoder, None).map_err(err)?;
+        nothing_after_gzip(decoder.into_inner()).map_err(err)?;
+        Ok(array)
+    } else {
+        decode(&mut reader, file_len).map_err(err)
+    }
 }
 
 /// Decodes IDX bytes held in memory, raw or gzip (the fuzz target's entry).
 pub fn decode_bytes(bytes: &[u8]) -> Result<IdxArray, String> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
-        decode(&mut GzDecoder::new(bytes), None)
+        let mut decoder = GzDecoder::new(bytes);
+        let array = decode(&mut decoder, None)?;
+        nothing_after_gzip(decoder.into_inner())?;
+        Ok(array)
     } else {
         decode(&mut &bytes[..], Some(bytes.len() as u64))
+    }
+}
+
+/// The gzip stream has ended (its CRC checked); the file must end with it.
+/// (`flate2::bufread`'s decoder reads no further than its stream, so what is
+/// left in `rest` is what follows it in the file.)
+fn nothing_after_gzip(mut rest: impl Read) -> Result<(), String> {
+    let mut probe = [0u8; 1];
+    match rest.read(&mut probe) {
+        Ok(0) => Ok(()),
+        Ok(_) => {
+            Err("has bytes after its gzip stream (trailing junk, or a second file appended)".into())
+        }
+        Err(e) => Err(format!("cannot read: {e}")),
     }
 }
 
@@ -156,23 +216,6 @@ fn decode(reader: &mut dyn Read, raw_len: Option<u64>) -> Result<IdxArray, Strin
     })
 }
 
-/// The file's reader, decompressing when it starts with gzip's magic bytes; `true` when it does.
-fn open_maybe_gzip(file: File) -> std::io::Result<(Box<dyn Read>, bool)> {
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let is_gzip = {
-        use std::io::BufRead;
-        reader.fill_buf()?.starts_with(&[0x1f, 0x8b])
-    };
-    Ok(if is_gzip {
-        (
-            Box::new(BufReader::with_capacity(1 << 16, GzDecoder::new(reader))),
-            true,
-        )
-    } else {
-        (Box::new(reader), false)
-    })
-}
-
 fn read_exact(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<(), String> {
     reader.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => format!("truncated: the file ends within {what}"),
@@ -181,10 +224,22 @@ fn read_exact(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<(), S
 }
 
 /// Streams the values in chunks, so memory holds the f32 result and one chunk.
-fn read_values(reader: &mut dyn Read, dtype: IdxType, count: usize) -> Result<Vec<f32>, String> {
+fn read_values(reader: &mut dyn Read, dtype: IdxType, count: usize) -> Result<Values, String> {
+    if dtype == IdxType::U8 {
+        // Grow with the data rather than trusting the header: a compressed file
+        // claiming 2^32 values must fail on truncation, not allocate 4 GiB first.
+        let mut values = Vec::with_capacity(count.min(1 << 24));
+        let mut chunk = vec![0u8; 1 << 16];
+        while values.len() < count {
+            let n = (count - values.len()).min(1 << 16);
+            read_exact(reader, &mut chunk[..n], "the data").map_err(|_| {
+                format!("truncated: the header declares {count} values, the file ends before that")
+            })?;
+            values.extend_from_slice(&chunk[..n]);
+        }
+        return Ok(Values::U8(values));
+    }
     let size = dtype.size();
-    // Grow with the data rather than trusting the header: a compressed file
-    // claiming 2^32 values must fail on truncation, not allocate 16 GiB first.
     let mut values = Vec::with_capacity(count.min(1 << 22));
     let mut chunk = vec![0u8; (1 << 16) * size];
     while values.len() < count {
@@ -193,12 +248,9 @@ fn read_values(reader: &mut dyn Read, dtype: IdxType, count: usize) -> Result<Ve
         read_exact(reader, bytes, "the data").map_err(|_| {
             format!("truncated: the header declares {count} values, the file ends before that")
         })?;
-        match dtype {
-            IdxType::U8 => values.extend(bytes.iter().map(|&b| b as f32)),
-            _ => values.extend(bytes.chunks_exact(size).map(|b| dtype.decode(b) as f32)),
-        }
+        values.extend(bytes.chunks_exact(size).map(|b| dtype.decode(b) as f32));
     }
-    Ok(values)
+    Ok(Values::F32(values))
 }
 
 /// Writes a u8 IDX file; gzip-compressed when `gzip`. Written to a temporary
@@ -251,8 +303,7 @@ mod tests {
             let array = read(&path).unwrap();
             assert_eq!(array.dtype, IdxType::U8);
             assert_eq!(array.dims, vec![2, 3, 4]);
-            let expected: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-            assert_eq!(array.values, expected);
+            assert_eq!(array.values, Values::U8(values.clone()));
         }
     }
 
@@ -263,35 +314,50 @@ mod tests {
         bytes.extend_from_slice(&(-2i16).to_be_bytes());
         bytes.extend_from_slice(&300i16.to_be_bytes());
         assert_eq!(
-            read(&write_raw(dir.path(), "i16", &bytes)).unwrap().values,
+            read(&write_raw(dir.path(), "i16", &bytes))
+                .unwrap()
+                .values
+                .to_f32(),
             [-2.0, 300.0]
         );
 
         let mut bytes = header(0x0D, &[1]);
         bytes.extend_from_slice(&1.5f32.to_be_bytes());
         assert_eq!(
-            read(&write_raw(dir.path(), "f32", &bytes)).unwrap().values,
+            read(&write_raw(dir.path(), "f32", &bytes))
+                .unwrap()
+                .values
+                .to_f32(),
             [1.5]
         );
 
         let mut bytes = header(0x0E, &[1]);
         bytes.extend_from_slice(&(-0.25f64).to_be_bytes());
         assert_eq!(
-            read(&write_raw(dir.path(), "f64", &bytes)).unwrap().values,
+            read(&write_raw(dir.path(), "f64", &bytes))
+                .unwrap()
+                .values
+                .to_f32(),
             [-0.25]
         );
 
         let mut bytes = header(0x09, &[1]);
         bytes.push(0xFF);
         assert_eq!(
-            read(&write_raw(dir.path(), "i8", &bytes)).unwrap().values,
+            read(&write_raw(dir.path(), "i8", &bytes))
+                .unwrap()
+                .values
+                .to_f32(),
             [-1.0]
         );
 
         let mut bytes = header(0x0C, &[1]);
         bytes.extend_from_slice(&70000i32.to_be_bytes());
         assert_eq!(
-            read(&write_raw(dir.path(), "i32", &bytes)).unwrap().values,
+            read(&write_raw(dir.path(), "i32", &bytes))
+                .unwrap()
+                .values
+                .to_f32(),
             [70000.0]
         );
     }

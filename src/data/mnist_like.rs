@@ -87,6 +87,16 @@ pub fn write_preview(
     scale: usize,
     path: &Path,
 ) -> io::Result<()> {
+    std::fs::write(path, preview_png(digits, count, cols, scale)?)
+}
+
+/// [`write_preview`]'s PNG, in memory.
+pub fn preview_png(
+    digits: &Digits,
+    count: usize,
+    cols: usize,
+    scale: usize,
+) -> io::Result<Vec<u8>> {
     const GAP: usize = 2;
     const GAP_GREY: u8 = 96;
     let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_string());
@@ -145,7 +155,7 @@ pub fn write_preview(
         writer.write_image_data(&buf).map_err(to_io)?;
         writer.finish().map_err(to_io)?;
     }
-    std::fs::write(path, bytes)
+    Ok(bytes)
 }
 
 // ---------------------------------------------------------------------------

@@ -16,10 +16,75 @@ use crate::rng::{self, Rng, RngState, Stream};
 /// Labelled samples held in host memory, one row of `features()` values each.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
-    pub inputs: Vec<f32>,
+    pub inputs: Inputs,
     pub labels: Vec<u32>,
     /// The shape of one sample, e.g. `[28, 28]` for MNIST or `[32]` for synthetic data.
     pub sample_shape: Vec<usize>,
+}
+
+/// The samples' values as they are held: u8 grey levels stay u8 (a quarter
+/// of f32's memory) and are scaled as each batch is built; other data are f32,
+/// normalised in place.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inputs {
+    F32(Vec<f32>),
+    U8 { values: Vec<u8>, scale: PixelScale },
+}
+
+/// How u8 values become a batch's f32 values; the same arithmetic, in the
+/// same precision, as normalising f32 copies of them in place would be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PixelScale {
+    /// x as it is (`normalize = "none"`).
+    Identity,
+    /// x / 255 in f32 (`unit`).
+    Unit,
+    /// (x − mean_j) / std_j in f64, per feature j (`standard`).
+    Standard {
+        mean: std::sync::Arc<[f64]>,
+        std: std::sync::Arc<[f64]>,
+    },
+}
+
+impl Inputs {
+    /// Values held (samples × features).
+    pub fn len(&self) -> usize {
+        match self {
+            Inputs::F32(v) => v.len(),
+            Inputs::U8 { values, .. } => values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values from `start` on, as f32, appended to `out` (`features`
+    /// values: one row starting at a row boundary).
+    fn extend_row(&self, start: usize, features: usize, out: &mut Vec<f32>) {
+        match self {
+            Inputs::F32(v) => out.extend_from_slice(&v[start..start + features]),
+            Inputs::U8 { values, scale } => {
+                let row = &values[start..start + features];
+                match scale {
+                    PixelScale::Identity => out.extend(row.iter().map(|&b| b as f32)),
+                    PixelScale::Unit => out.extend(row.iter().map(|&b| b as f32 / 255.0)),
+                    PixelScale::Standard { mean, std } => out.extend(
+                        row.iter()
+                            .enumerate()
+                            .map(|(j, &b)| ((b as f32 as f64 - mean[j]) / std[j]) as f32),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Every value as f32, as a batch would hold it.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.len());
+        self.extend_row(0, self.len(), &mut out);
+        out
+    }
 }
 
 impl Dataset {
@@ -36,16 +101,27 @@ impl Dataset {
         self.sample_shape.iter().product()
     }
 
-    fn row(&self, i: usize) -> &[f32] {
-        let f = self.features();
-        &self.inputs[i * f..(i + 1) * f]
-    }
-
     fn select(&self, indices: &[usize]) -> Dataset {
-        let mut inputs = Vec::with_capacity(indices.len() * self.features());
-        for &i in indices {
-            inputs.extend_from_slice(self.row(i));
-        }
+        let f = self.features();
+        let inputs = match &self.inputs {
+            Inputs::F32(v) => {
+                let mut out = Vec::with_capacity(indices.len() * f);
+                for &i in indices {
+                    out.extend_from_slice(&v[i * f..(i + 1) * f]);
+                }
+                Inputs::F32(out)
+            }
+            Inputs::U8 { values, scale } => {
+                let mut out = Vec::with_capacity(indices.len() * f);
+                for &i in indices {
+                    out.extend_from_slice(&values[i * f..(i + 1) * f]);
+                }
+                Inputs::U8 {
+                    values: out,
+                    scale: scale.clone(),
+                }
+            }
+        };
         Dataset {
             inputs,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
@@ -59,13 +135,14 @@ impl Dataset {
         indices: &[usize],
         device: &Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let mut inputs = Vec::with_capacity(indices.len() * self.features());
+        let f = self.features();
+        let mut inputs = Vec::with_capacity(indices.len() * f);
         for &i in indices {
-            inputs.extend_from_slice(self.row(i));
+            self.inputs.extend_row(i * f, f, &mut inputs);
         }
         let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
         Ok((
-            Tensor::from_vec(inputs, (indices.len(), self.features()), device)?,
+            Tensor::from_vec(inputs, (indices.len(), f), device)?,
             Tensor::from_vec(labels, indices.len(), device)?,
         ))
     }
@@ -86,24 +163,24 @@ pub struct Splits {
 /// Builds the run's data as its config describes.
 pub fn load(config: &Config) -> Result<Splits, UserError> {
     let d = &config.data;
-    let (all, pixels, test) = match d.kind {
-        DataKind::Teacher => (synthetic::teacher(d, config.seed), false, None),
-        DataKind::Blobs => (synthetic::blobs(d, config.seed), false, None),
+    let (all, test) = match d.kind {
+        DataKind::Teacher => (synthetic::teacher(d, config.seed), None),
+        DataKind::Blobs => (synthetic::blobs(d, config.seed), None),
         DataKind::Idx => {
             let (images, labels) = idx_files(d)?;
-            let (all, pixels) = load_idx_pair(&images, &labels)?;
+            let all = load_idx_pair(&images, &labels)?;
             let test = match (&d.test_images, &d.test_labels) {
-                (Some(images), Some(labels)) => Some(load_idx_pair(images, labels)?.0),
+                (Some(images), Some(labels)) => Some(load_idx_pair(images, labels)?),
                 _ => None,
             };
-            (all, pixels, test)
+            (all, test)
         }
         DataKind::MnistLike => {
             let generated = generated_digits(d.n_train + d.n_test, config.seed);
             let all = generated.select(&(0..d.n_train).collect::<Vec<_>>());
             let test = (d.n_test > 0)
                 .then(|| generated.select(&(d.n_train..d.n_train + d.n_test).collect::<Vec<_>>()));
-            (all, true, test)
+            (all, test)
         }
     };
     let classes = all.labels.iter().max().map_or(0, |&m| m as usize + 1);
@@ -134,7 +211,6 @@ pub fn load(config: &Config) -> Result<Splits, UserError> {
     let mut test = test;
     normalize(
         d.normalize,
-        pixels,
         &mut train,
         val.iter_mut().chain(test.iter_mut()),
     );
@@ -174,18 +250,21 @@ fn idx_files(d: &crate::config::DataConfig) -> Result<(PathBuf, PathBuf), UserEr
     Ok((find("images-idx3-ubyte")?, find("labels-idx1-ubyte")?))
 }
 
-/// `n` generated MNIST-like digits, 28×28 u8 grey levels as f32.
+/// `n` generated MNIST-like digits, 28×28 u8 grey levels.
 pub fn generated_digits(n: usize, seed: u64) -> Dataset {
     let digits = mnist_like::generate(n, seed);
     Dataset {
-        inputs: digits.images.iter().map(|&b| b as f32).collect(),
+        inputs: Inputs::U8 {
+            values: digits.images,
+            scale: PixelScale::Identity,
+        },
         labels: digits.labels.iter().map(|&l| l as u32).collect(),
         sample_shape: vec![mnist_like::SIDE, mnist_like::SIDE],
     }
 }
 
-/// Reads an image file and its label file; `true` when the images are u8 grey levels.
-pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), UserError> {
+/// Reads an image file and its label file (u8 images stay u8).
+pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, UserError> {
     let image_array = idx::read(images)?;
     let label_array = idx::read(labels)?;
     let n = image_array.dims[0];
@@ -228,7 +307,7 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), Us
         ));
     }
     let mut label_values = Vec::with_capacity(n);
-    for (i, &v) in label_array.values.iter().enumerate() {
+    for (i, v) in label_array.values.to_f32().into_iter().enumerate() {
         if !((0.0..65536.0).contains(&v) && v.fract() == 0.0) {
             return Err(UserError::data(
                 labels,
@@ -238,13 +317,18 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<(Dataset, bool), Us
         label_values.push(v as u32);
     }
     let sample_shape = image_array.dims[1..].to_vec();
-    let pixels = image_array.dtype == idx::IdxType::U8;
-    let dataset = Dataset {
-        inputs: image_array.values,
+    let inputs = match image_array.values {
+        idx::Values::U8(values) => Inputs::U8 {
+            values,
+            scale: PixelScale::Identity,
+        },
+        idx::Values::F32(values) => Inputs::F32(values),
+    };
+    Ok(Dataset {
+        inputs,
         labels: label_values,
         sample_shape,
-    };
-    Ok((dataset, pixels))
+    })
 }
 
 /// Holds out the last `val_fraction` of the samples (after a seeded shuffle when `shuffle`).
@@ -278,29 +362,32 @@ fn split(
 }
 
 /// Scales the training split and the `others` (validation, test) alike;
-/// `standard` takes its moments from the training split only.
+/// `standard` takes its moments from the training split only. `unit` divides
+/// u8 grey levels by 255 and leaves f32 data (drawn at unit scale) as they
+/// are. u8 data keep their bytes and get the scale applied per batch.
 fn normalize<'a>(
     how: Normalize,
-    pixels: bool,
-    train: &mut Dataset,
+    train: &'a mut Dataset,
     others: impl Iterator<Item = &'a mut Dataset>,
 ) {
     let moments = (how == Normalize::Standard).then(|| feature_moments(train));
-    let splits =
-        std::iter::once(train.inputs.as_mut_slice()).chain(others.map(|v| v.inputs.as_mut_slice()));
-    match how {
-        Normalize::None => {}
-        Normalize::Unit => {
-            if pixels {
-                splits.flatten().for_each(|x| *x /= 255.0);
-            }
-        }
-        Normalize::Standard => {
-            let (mean, std) = moments.expect("computed above for Standard");
-            let f = mean.len();
-            for inputs in splits {
-                for (i, x) in inputs.iter_mut().enumerate() {
-                    *x = ((*x as f64 - mean[i % f]) / std[i % f]) as f32;
+    let pixel_scale = match &moments {
+        Some((mean, std)) => PixelScale::Standard {
+            mean: mean.as_slice().into(),
+            std: std.as_slice().into(),
+        },
+        None if how == Normalize::Unit => PixelScale::Unit,
+        None => PixelScale::Identity,
+    };
+    for data in std::iter::once(train).chain(others) {
+        match &mut data.inputs {
+            Inputs::U8 { scale, .. } => *scale = pixel_scale.clone(),
+            Inputs::F32(values) => {
+                if let Some((mean, std)) = &moments {
+                    let f = mean.len();
+                    for (i, x) in values.iter_mut().enumerate() {
+                        *x = ((*x as f64 - mean[i % f]) / std[i % f]) as f32;
+                    }
                 }
             }
         }
@@ -313,10 +400,22 @@ fn feature_moments(data: &Dataset) -> (Vec<f64>, Vec<f64>) {
     let n = data.len() as f64;
     let mut sum = vec![0f64; f];
     let mut sum_sq = vec![0f64; f];
-    for row in data.inputs.chunks_exact(f) {
-        for (j, &x) in row.iter().enumerate() {
-            sum[j] += x as f64;
-            sum_sq[j] += x as f64 * x as f64;
+    let mut add = |j: usize, x: f64| {
+        sum[j] += x;
+        sum_sq[j] += x * x;
+    };
+    match &data.inputs {
+        Inputs::F32(values) => {
+            for row in values.chunks_exact(f) {
+                row.iter().enumerate().for_each(|(j, &x)| add(j, x as f64));
+            }
+        }
+        Inputs::U8 { values, .. } => {
+            for row in values.chunks_exact(f) {
+                row.iter()
+                    .enumerate()
+                    .for_each(|(j, &x)| add(j, x as f32 as f64));
+            }
         }
     }
     let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
@@ -420,7 +519,7 @@ mod tests {
 
     fn toy(n: usize) -> Dataset {
         Dataset {
-            inputs: (0..n * 2).map(|v| v as f32).collect(),
+            inputs: Inputs::F32((0..n * 2).map(|v| v as f32).collect()),
             labels: (0..n as u32).map(|i| i % 3).collect(),
             sample_shape: vec![2],
         }
@@ -430,16 +529,19 @@ mod tests {
     fn split_without_shuffle_keeps_file_order() {
         let (train, val) = split(toy(10), 0.2, false, 0).unwrap();
         assert_eq!(train.labels, vec![0, 1, 2, 0, 1, 2, 0, 1]);
-        assert_eq!(val.unwrap().inputs, vec![16.0, 17.0, 18.0, 19.0]);
+        assert_eq!(
+            val.unwrap().inputs,
+            Inputs::F32(vec![16.0, 17.0, 18.0, 19.0])
+        );
     }
 
     #[test]
     fn split_with_shuffle_partitions_the_samples() {
         let (train, val) = split(toy(10), 0.3, true, 5).unwrap();
-        let mut firsts: Vec<f32> = train
-            .inputs
+        let (train_values, val_values) = (train.inputs.to_f32(), val.unwrap().inputs.to_f32());
+        let mut firsts: Vec<f32> = train_values
             .iter()
-            .chain(&val.unwrap().inputs)
+            .chain(&val_values)
             .step_by(2)
             .copied()
             .collect();
@@ -469,16 +571,64 @@ mod tests {
     fn standard_normalisation_uses_the_training_split() {
         let mut train = toy(4);
         let mut val = toy(2);
-        normalize(
-            Normalize::Standard,
-            false,
-            &mut train,
-            std::iter::once(&mut val),
-        );
+        normalize(Normalize::Standard, &mut train, std::iter::once(&mut val));
         let (mean, std) = feature_moments(&train);
         assert!(mean.iter().all(|m| m.abs() < 1e-6), "{mean:?}");
         assert!(std.iter().all(|s| (s - 1.0).abs() < 1e-6), "{std:?}");
         // Validation is scaled with the training moments: first value (0 − 3)/√5.
-        assert!((val.inputs[0] as f64 + 3.0 / 5f64.sqrt()).abs() < 1e-6);
+        assert!((val.inputs.to_f32()[0] as f64 + 3.0 / 5f64.sqrt()).abs() < 1e-6);
+    }
+
+    /// u8 samples held as bytes give batches bit-equal to normalising f32
+    /// copies in place (the representation they had before), for every scale.
+    #[test]
+    fn u8_samples_scaled_per_batch_equal_f32_samples_normalised_in_place() {
+        let bytes: Vec<u8> = (0..60u32).map(|v| (v * 37 % 256) as u8).collect();
+        for how in [Normalize::None, Normalize::Unit, Normalize::Standard] {
+            let as_u8 = |bytes: &[u8]| Dataset {
+                inputs: Inputs::U8 {
+                    values: bytes.to_vec(),
+                    scale: PixelScale::Identity,
+                },
+                labels: vec![0; bytes.len() / 3],
+                sample_shape: vec![3],
+            };
+            let (mut train, mut val) = (as_u8(&bytes[..45]), as_u8(&bytes[45..]));
+            normalize(how, &mut train, std::iter::once(&mut val));
+            // The f32 reference: the old code's arithmetic, written out.
+            let reference = |values: &[u8]| -> Vec<f32> {
+                let train_f32: Vec<f32> = bytes[..45].iter().map(|&b| b as f32).collect();
+                let f32_data = Dataset {
+                    inputs: Inputs::F32(train_f32),
+                    labels: vec![0; 15],
+                    sample_shape: vec![3],
+                };
+                let (mean, std) = feature_moments(&f32_data);
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| match how {
+                        Normalize::None => b as f32,
+                        Normalize::Unit => b as f32 / 255.0,
+                        Normalize::Standard => {
+                            ((b as f32 as f64 - mean[i % 3]) / std[i % 3]) as f32
+                        }
+                    })
+                    .collect()
+            };
+            let (x, _) = val.batch(&[0, 4, 2], &Device::Cpu).unwrap();
+            let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let picked: Vec<u8> = [0usize, 4, 2]
+                .iter()
+                .flat_map(|&i| bytes[45 + 3 * i..45 + 3 * i + 3].to_vec())
+                .collect();
+            let expected = reference(&picked);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{how:?}"
+            );
+            assert!(matches!(train.inputs, Inputs::U8 { .. }));
+        }
     }
 }

@@ -3,7 +3,7 @@
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 
-use super::Dataset;
+use super::{Dataset, Inputs};
 use crate::config::DataConfig;
 use crate::rng::{self, Rng, Stream};
 
@@ -51,7 +51,7 @@ pub fn teacher(config: &DataConfig, seed: u64) -> Dataset {
         })
         .collect();
     Dataset {
-        inputs,
+        inputs: Inputs::F32(inputs),
         labels,
         sample_shape: vec![d],
     }
@@ -75,7 +75,7 @@ pub fn blobs(config: &DataConfig, seed: u64) -> Dataset {
         })
         .collect();
     Dataset {
-        inputs,
+        inputs: Inputs::F32(inputs),
         labels,
         sample_shape: vec![d],
     }
@@ -119,8 +119,9 @@ mod tests {
         let d = config.features;
         // Two samples of one class are within a few cluster widths of each other.
         let k = config.classes;
+        let inputs = data.inputs.to_f32();
         let gap: f32 = (0..d)
-            .map(|j| (data.inputs[j] - data.inputs[k * d + j]).powi(2))
+            .map(|j| (inputs[j] - inputs[k * d + j]).powi(2))
             .sum();
         assert!(gap.sqrt() < 0.2, "{gap}");
         assert_eq!(data.labels[k], 0);

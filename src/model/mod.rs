@@ -596,9 +596,26 @@ fn read_init_file(path: &Path, specs: &[Spec], device: &Device) -> Result<Vec<Te
                     tensor.dims()
                 )));
             }
-            tensor
+            if !tensor.dtype().is_float() {
+                return Err(err(format!(
+                    "`{name}` holds {:?} values; parameters are floating point (f16, bf16, f32 or f64, read as f32)",
+                    tensor.dtype()
+                )));
+            }
+            let tensor = tensor
                 .to_dtype(DType::F32)
-                .map_err(|e| err(format!("`{name}`: {e}")))
+                .map_err(|e| err(format!("`{name}`: {e}")))?;
+            let values: Vec<f32> = tensor
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| err(format!("`{name}`: {e}")))?;
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "`{name}` holds {} at index {at} (in f32); initial values must be finite",
+                    values[at]
+                )));
+            }
+            Ok(tensor)
         })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(extra) = tensors.keys().min() {
