@@ -27,7 +27,9 @@ use candle_core::{DType, Device, Result, Tensor, bail};
 use super::activation::{self, Pointwise};
 use super::{ForwardTrace, Model, dropout_values};
 use crate::config::Activation;
-use crate::ops::disjoint::{Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_from};
+use crate::ops::disjoint::{
+    Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_map, init_zip,
+};
 use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, OperandSource, Panels, Side, sgemm, sgemm_then};
 use crate::ops::{F32View, host_f32, sum_of_squares, wide};
 use crate::rng::Rng;
@@ -569,7 +571,7 @@ fn forward_piece<A: Pointwise>(
                 *z += b;
             }
             let Some(h) = h else { return };
-            init_from(h, z.iter().map(|z| phi.value(*z)))
+            init_map(h, z, |z| phi.value(*z))
         }
         Output::InPlace(h) => {
             for (h, b) in h.iter_mut().zip(b) {
@@ -579,7 +581,7 @@ fn forward_piece<A: Pointwise>(
         }
     };
     if let Some((hm, mask)) = masked {
-        init_from(hm, h.iter().zip(mask).map(|(h, m)| h * m));
+        init_zip(hm, h, mask, |h, m| h * m);
     }
 }
 
