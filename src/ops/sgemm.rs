@@ -275,10 +275,12 @@ unsafe fn portable(
     }
 }
 
+/// Room for a product's packed panels, written by the packing before the product reads them.
+type Packing = Vec<MaybeUninit<f32>>;
+
 thread_local! {
     /// Each thread's packed panels of `a` and `b`, kept between calls.
-    static PACKED: RefCell<(Vec<MaybeUninit<f32>>, Vec<MaybeUninit<f32>>)> =
-        const { RefCell::new((Vec::new(), Vec::new())) };
+    static PACKED: RefCell<(Packing, Packing)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -420,7 +422,7 @@ mod avx512 {
 
     /// Makes `buffer` at least `len` long, never shorter (shrinking and growing
     /// again would zero the memory on every call).
-    fn grow(buffer: &mut Vec<MaybeUninit<f32>>, len: usize) {
+    fn grow(buffer: &mut super::Packing, len: usize) {
         if buffer.len() < len {
             buffer.resize(len, MaybeUninit::new(0.0));
         }
