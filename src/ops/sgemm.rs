@@ -283,6 +283,17 @@ thread_local! {
     static PACKED: RefCell<(Packing, Packing)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The AVX-512 product and its packing.
+///
+/// SAFETY, for every `unsafe` block in this module (rather than repeated at
+/// each): the functions run only where `is_x86_feature_detected!("avx512f")`
+/// said yes ([`sgemm_then`], [`panel_shape`]); every pointer is derived from
+/// an [`Operand`] or `c` that the caller of the public `unsafe` functions
+/// vouches for (valid for its matrix at its strides, `c` for writes of m×n
+/// values that nothing else touches), offset only within that matrix (tile
+/// and panel offsets are bounded by `m`, `n`, `k` and the panel counts);
+/// packed panels are written by [`Panels::pack`] or `pack_a`/`pack_b` before
+/// any product reads them, and each thread's panels of `PACKED` are its own.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Operand, OperandSource, PACKED, Panels, Range, Side};
