@@ -212,18 +212,32 @@ impl<'a, T> Disjoint<'a, T> {
     }
 }
 
-/// Writes `values` into `dst`, which they must fill, and gives `dst` back as
-/// written values.
+/// Fills `dst` with `f` of each value of `src`, which is as long, and gives
+/// `dst` back as written values.
 #[inline(always)]
-pub fn init_from<T>(dst: &mut [MaybeUninit<T>], values: impl IntoIterator<Item = T>) -> &mut [T] {
-    let mut count = 0;
-    for (d, v) in dst.iter_mut().zip(values) {
-        d.write(v);
-        count += 1;
+pub fn init_map<'d, S, T>(
+    dst: &'d mut [MaybeUninit<T>],
+    src: &[S],
+    f: impl Fn(&S) -> T,
+) -> &'d mut [T] {
+    init_zip(dst, src, src, |s, _| f(s))
+}
+
+/// Fills `dst` with `f` of each pair of values of `a` and `b`, which are as
+/// long, and gives `dst` back as written values.
+#[inline(always)]
+pub fn init_zip<'d, A, B, T>(
+    dst: &'d mut [MaybeUninit<T>],
+    a: &[A],
+    b: &[B],
+    f: impl Fn(&A, &B) -> T,
+) -> &'d mut [T] {
+    assert!(a.len() == dst.len() && b.len() == dst.len());
+    for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+        d.write(f(a, b));
     }
-    assert_eq!(count, dst.len(), "too few values to fill the slice");
-    // SAFETY: all `dst.len()` values were written just now, and
-    // `MaybeUninit<T>` has `T`'s layout.
+    // SAFETY: the loop wrote all `dst.len()` values, and `MaybeUninit<T>` has
+    // `T`'s layout.
     unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
@@ -295,7 +309,7 @@ mod tests {
                                 // SAFETY: written just now, by this part.
                                 let z = unsafe { a.written(span.clone()) };
                                 // SAFETY: this part's own values, handed out once.
-                                init_from(unsafe { b.write(span) }, z.iter().map(|z| 2.0 * z));
+                                init_map(unsafe { b.write(span) }, z, |z| 2.0 * z);
                             }
                         });
                     }
@@ -345,7 +359,7 @@ mod tests {
             let parts = buffer.parts();
             for span in [0..16, 32..48] {
                 // SAFETY: disjoint spans.
-                init_from(unsafe { parts.write(span) }, std::iter::repeat(1.0));
+                init_map(unsafe { parts.write(span) }, &[1.0; 16], |&v| v);
             }
         }
         // SAFETY: deliberately not: 16..32 was never written, and the check panics.

@@ -14,6 +14,7 @@
 //! does the work.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Columns of the blocks that [`sgemm_then`] finishes (but for the last,
@@ -114,9 +115,12 @@ pub struct Panels {
     /// Rows of `a`, or columns of `b`.
     len: usize,
     depth: usize,
-    /// Every pass's panels one after the other: room only, written by
-    /// [`Panels::pack`]. Empty where the product does not pack.
-    values: Vec<f32>,
+    /// Every pass's panels one after the other, not written until
+    /// [`Panels::pack`] writes them. Empty where the product does not pack.
+    values: Vec<MaybeUninit<f32>>,
+    /// `values`' first value, taken once from `&mut`, through which `pack`
+    /// writes and the products read.
+    base: *mut MaybeUninit<f32>,
 }
 
 // SAFETY: the operand is only read, and `pack`'s callers write disjoint panels.
@@ -130,22 +134,30 @@ impl Panels {
             Side::A => (rows, cols),
             Side::B => (cols, rows),
         };
-        let values = panel_shape(side, len).map_or_else(Vec::new, |(count, width)| {
-            Vec::with_capacity(count * width * depth)
-        });
+        let mut values: Vec<MaybeUninit<f32>> =
+            panel_shape(side, len).map_or_else(Vec::new, |(count, width)| {
+                let len = count * width * depth;
+                let mut values = Vec::with_capacity(len);
+                // SAFETY: `MaybeUninit` values need no initialisation, and the
+                // capacity is `len`.
+                unsafe { values.set_len(len) };
+                values
+            });
+        let base = values.as_mut_ptr();
         Self {
             x,
             side,
             len,
             depth,
             values,
+            base,
         }
     }
 
     /// How many panels there are to pack: zero where the product reads `x` in place.
     pub fn count(&self) -> usize {
         match panel_shape(self.side, self.len) {
-            Some((count, _)) if self.values.capacity() > 0 => count,
+            Some((count, _)) if !self.values.is_empty() => count,
             _ => 0,
         }
     }
@@ -263,15 +275,30 @@ unsafe fn portable(
     }
 }
 
+/// Room for a product's packed panels, written by the packing before the product reads them.
+type Packing = Vec<MaybeUninit<f32>>;
+
 thread_local! {
     /// Each thread's packed panels of `a` and `b`, kept between calls.
-    static PACKED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static PACKED: RefCell<(Packing, Packing)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The AVX-512 product and its packing.
+///
+/// SAFETY, for every `unsafe` block in this module (rather than repeated at
+/// each): the functions run only where `is_x86_feature_detected!("avx512f")`
+/// said yes ([`sgemm_then`], [`panel_shape`]); every pointer is derived from
+/// an [`Operand`] or `c` that the caller of the public `unsafe` functions
+/// vouches for (valid for its matrix at its strides, `c` for writes of m×n
+/// values that nothing else touches), offset only within that matrix (tile
+/// and panel offsets are bounded by `m`, `n`, `k` and the panel counts);
+/// packed panels are written by [`Panels::pack`] or `pack_a`/`pack_b` before
+/// any product reads them, and each thread's panels of `PACKED` are its own.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Operand, OperandSource, PACKED, Panels, Range, Side};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Rows of `c` per micro-tile.
     const MR: usize = 8;
@@ -308,8 +335,13 @@ mod avx512 {
     /// Where pass `pc` of `panels` begins: the passes before it hold `pc`
     /// values per row (or column) of every panel.
     fn pass_of(panels: &Panels, pc: usize) -> *const f32 {
-        let padded = self::panels(panels.side, panels.len) * width(panels.side);
-        panels.values.as_ptr().wrapping_add(pc * padded)
+        // The products read the packed values only after `pack` wrote them.
+        (panels.base as *const f32).wrapping_add(pass_offset(panels, pc))
+    }
+
+    /// [`pass_of`] as an offset into the panels' values.
+    fn pass_offset(panels: &Panels, pc: usize) -> usize {
+        pc * self::panels(panels.side, panels.len) * width(panels.side)
     }
 
     /// # Safety
@@ -321,7 +353,9 @@ mod avx512 {
             // SAFETY: the caller packs these panels and no one else.
             let out = unsafe {
                 std::slice::from_raw_parts_mut(
-                    pass_of(panels, pc).add(range.start * w * kc) as *mut f32,
+                    panels
+                        .base
+                        .add(pass_offset(panels, pc) + range.start * w * kc),
                     range.len() * w * kc,
                 )
             };
@@ -361,7 +395,7 @@ mod avx512 {
                     OperandSource::Packed(p) if p.count() > 0 => pass_of(p, pc),
                     OperandSource::Strided(a) | OperandSource::Packed(&Panels { x: a, .. }) => {
                         unsafe { pack_a(pa, a, m, pc, kc) };
-                        pa.as_ptr()
+                        pa.as_ptr() as *const f32
                     }
                 };
                 for jc in (0..n).step_by(NC) {
@@ -372,7 +406,7 @@ mod avx512 {
                         }
                         OperandSource::Strided(b) | OperandSource::Packed(&Panels { x: b, .. }) => {
                             unsafe { pack_b(pb, b, nc, jc, pc, kc) };
-                            pb.as_ptr()
+                            pb.as_ptr() as *const f32
                         }
                     };
                     for ip in 0..m_panels {
@@ -399,21 +433,28 @@ mod avx512 {
 
     /// Makes `buffer` at least `len` long, never shorter (shrinking and growing
     /// again would zero the memory on every call).
-    fn grow(buffer: &mut Vec<f32>, len: usize) {
+    fn grow(buffer: &mut super::Packing, len: usize) {
         if buffer.len() < len {
-            buffer.resize(len, 0.0);
+            buffer.resize(len, MaybeUninit::new(0.0));
         }
     }
 
     /// `a[.., pc..pc+kc]` as MR-row panels, each column of a panel contiguous;
     /// rows past `m` are zero.
-    unsafe fn pack_a(packed: &mut [f32], a: Operand, m: usize, pc: usize, kc: usize) {
+    unsafe fn pack_a(packed: &mut [MaybeUninit<f32>], a: Operand, m: usize, pc: usize, kc: usize) {
         unsafe { pack::<MR>(packed, a, 0, m, pc, kc) }
     }
 
     /// `b[pc..pc+kc, jc..jc+nc]` as NR-column panels, each row of a panel
     /// contiguous; columns past `nc` are zero.
-    unsafe fn pack_b(packed: &mut [f32], b: Operand, nc: usize, jc: usize, pc: usize, kc: usize) {
+    unsafe fn pack_b(
+        packed: &mut [MaybeUninit<f32>],
+        b: Operand,
+        nc: usize,
+        jc: usize,
+        pc: usize,
+        kc: usize,
+    ) {
         unsafe { pack::<NR>(packed, b.transposed(), jc, nc, pc, kc) }
     }
 
@@ -422,7 +463,7 @@ mod avx512 {
     /// `len` are zero. `a`'s panels are `a`'s rows, `b`'s are `bᵀ`'s.
     #[target_feature(enable = "avx512f")]
     unsafe fn pack<const W: usize>(
-        packed: &mut [f32],
+        packed: &mut [MaybeUninit<f32>],
         x: Operand,
         r0: usize,
         len: usize,
@@ -445,7 +486,11 @@ mod avx512 {
                         let src = unsafe { x.ptr.offset((pc + p) as isize * x.col_stride).add(r0) };
                         let to = &mut panel[p * W..(p + 1) * W];
                         unsafe {
-                            std::ptr::copy_nonoverlapping(src.add(k * W), to.as_mut_ptr(), W)
+                            std::ptr::copy_nonoverlapping(
+                                src.add(k * W),
+                                to.as_mut_ptr() as *mut f32,
+                                W,
+                            )
                         };
                     }
                 }
@@ -467,7 +512,7 @@ mod avx512 {
     /// One panel of `rows` ≤ W rows of `x` from `first`, value by value,
     /// zero past `rows`.
     unsafe fn pack_by_values<const W: usize>(
-        panel: &mut [f32],
+        panel: &mut [MaybeUninit<f32>],
         x: Operand,
         first: usize,
         rows: usize,
@@ -476,11 +521,11 @@ mod avx512 {
     ) {
         for i in 0..W {
             for p in 0..kc {
-                panel[p * W + i] = if i < rows {
+                panel[p * W + i].write(if i < rows {
                     unsafe { x.at(first + i, pc + p) }
                 } else {
                     0.0
-                };
+                });
             }
         }
     }
@@ -489,7 +534,7 @@ mod avx512 {
     /// padded with zeros) by 16 columns, transposed in registers.
     #[target_feature(enable = "avx512f")]
     unsafe fn transpose_into<const W: usize>(
-        panel: &mut [f32],
+        panel: &mut [MaybeUninit<f32>],
         x: Operand,
         first: usize,
         pc: usize,
@@ -513,14 +558,14 @@ mod avx512 {
                         }
                     });
                     for (t, column) in transpose16(rows).into_iter().enumerate() {
-                        let at = panel.as_mut_ptr().add((16 * q + t) * W + group);
+                        let at = panel.as_mut_ptr().add((16 * q + t) * W + group) as *mut f32;
                         _mm512_mask_storeu_ps(at, lanes, column);
                     }
                 }
             }
             for p in 16 * blocks..kc {
                 for i in 0..W {
-                    panel[p * W + i] = *row(i).add(p);
+                    panel[p * W + i].write(*row(i).add(p));
                 }
             }
         }
