@@ -5,8 +5,10 @@
 #      every logged value (losses, gradient norms, trust ratios, ...) within 1e-4,
 #   3. resume: a run stopped halfway and resumed equals one that never stopped,
 #   4. `larslab bench --device cuda` for the MLP and CNN cases,
-# everything written to one file (default gpu-check.txt; --out FILE). About
-# 5 minutes on an H200, most of it the build; exit 1 when a check fails.
+# everything written to one file (default gpu-check.txt; --out FILE); exit 1
+# when a check fails. Meant to take under 8 minutes on an H200, most of it the
+# build (candle's kernels); not yet run on a GPU. The build needs the crates
+# (cargo fetch) and a CUDA toolkit on the machine.
 #
 #   bench/gpu-check.sh [--out FILE]    # on a GPU machine: nvcc on the PATH, in
 #                                      # /usr/local/cuda, or .venv (.ci/cuda-env.sh)
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
             out=$2
             shift
             ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "error: unknown argument \`$1\` (expected --dry-run, --out FILE)" >&2; exit 2 ;;
     esac
     shift
