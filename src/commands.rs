@@ -44,7 +44,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
         Some(run) => {
             let run_dir = RunDir::open(run)?;
             let lock = run_dir.lock()?;
-            let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.run.overrides)?;
+            let config = Config::load_run(&run_dir.file(run_dir::CONFIG), &args.run.overrides)?;
             let checkpoints = run_dir.file(run_dir::CHECKPOINTS);
             let step = *checkpoint::steps(&checkpoints).last().ok_or_else(|| {
                 UserError::data(&checkpoints, "holds no checkpoint to resume from")
@@ -93,7 +93,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
         summary = next;
         report(&next_dir, &summary);
         (config, run_dir) = (
-            Config::load(Some(&next_dir.file(run_dir::CONFIG)), &[])?,
+            Config::load_run(&next_dir.file(run_dir::CONFIG), &[])?,
             next_dir,
         );
         rescues += 1;
@@ -119,7 +119,7 @@ pub fn rescue_command(args: &RescueArgs) -> anyhow::Result<Outcome> {
         )
         .into());
     }
-    let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.overrides)?;
+    let config = Config::load_run(&run_dir.file(run_dir::CONFIG), &args.overrides)?;
     if config.train.steps <= summary.divergence.map_or(0, |v| v.onset_step) {
         return Err(UserError::key(
             "train.steps",
