@@ -45,7 +45,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Outcome> {
         Some(run) => {
             let run_dir = RunDir::open(run)?;
             let lock = run_dir.lock()?;
-            let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), &args.run.overrides)?;
+            let config = Config::load_run(&run_dir.file(run_dir::CONFIG), &args.run.overrides)?;
             let checkpoints = run_dir.file(run_dir::CHECKPOINTS);
             let step = *checkpoint::steps(&checkpoints).last().ok_or_else(|| {
                 UserError::data(&checkpoints, "holds no checkpoint to resume from")

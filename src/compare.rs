@@ -72,7 +72,7 @@ fn read_run(dir: &Path, target: f64) -> Result<RunRecord, UserError> {
     let summary: Summary = run
         .summary()?
         .ok_or_else(|| UserError::data(dir, "has no summary.json"))?;
-    let config = Config::load(Some(&run.file(run_dir::CONFIG)), &[])?;
+    let config = Config::load_run(&run.file(run_dir::CONFIG), &[])?;
     let metrics = std::fs::read_to_string(run.file(run_dir::METRICS)).unwrap_or_default();
     let steps_to_target = metrics.lines().find_map(|line| {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;

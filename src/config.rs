@@ -602,6 +602,22 @@ impl Source<'_> {
 impl Config {
     /// Reads a config file, applies `--set` overrides, fills defaults and validates.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, UserError> {
+        Self::load_layers(path, overrides, true)
+    }
+
+    /// [`Config::load`] for a run's own `config.toml` (resume, rescue,
+    /// compare): its keys are what the run ran with, so keys that do not
+    /// apply are not refused there (a config.toml written before they were
+    /// left out holds every key); the `--set` overrides are checked as ever.
+    pub fn load_run(path: &Path, overrides: &[String]) -> Result<Config, UserError> {
+        Self::load_layers(Some(path), overrides, false)
+    }
+
+    fn load_layers(
+        path: Option<&Path>,
+        overrides: &[String],
+        check_file: bool,
+    ) -> Result<Config, UserError> {
         let (text, source) = match path {
             Some(path) => (read_config_text(path)?, Source::File(path)),
             None => (DEFAULT_EXPERIMENT.to_string(), Source::BuiltIn),
@@ -636,7 +652,9 @@ impl Config {
         let mut set_keys = Vec::new();
         flatten_table("", &set_layer, &mut set_keys);
         file_keys.retain(|(key, _)| !set_keys.iter().any(|(k, _)| k == key));
-        config.check_applicable(&file_keys, Some(file_kinds))?;
+        if check_file {
+            config.check_applicable(&file_keys, Some(file_kinds))?;
+        }
         config.check_applicable(&set_keys, None)?;
         config.resolve_paths()?;
         Ok(config)
@@ -1319,8 +1337,35 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// Types a table, reporting the first bad value under its dotted key.
+/// A table with its keys sorted at every level.
+fn sorted(table: &toml::Table) -> toml::Table {
+    let mut entries: Vec<(&String, &toml::Value)> = table.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                toml::Value::Table(inner) => toml::Value::Table(sorted(inner)),
+                other => other.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Types a table, reporting the first bad value under its dotted key. The
+/// free-form tables (`divergence.rescue`, `sweep.grid`) come out with their
+/// keys sorted, as they always iterated (toml keeps insertion order only so
+/// that `to_toml` can write the struct's order).
 fn from_table(table: toml::Table) -> Result<Config, UserError> {
+    from_table_unsorted(table).map(|mut config| {
+        config.divergence.rescue = sorted(&config.divergence.rescue);
+        config.sweep.grid = sorted(&config.sweep.grid);
+        config
+    })
+}
+
+fn from_table_unsorted(table: toml::Table) -> Result<Config, UserError> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().message().trim().to_string();
@@ -1339,16 +1384,20 @@ fn unknown_field(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
-/// Every leaf of `table` as a dotted key and its value, in table order.
+/// Every leaf of `table` as a dotted key and its value, keys sorted.
 pub fn dotted(table: &toml::Table) -> Vec<(String, toml::Value)> {
     let mut out = Vec::new();
     flatten_table("", table, &mut out);
     out
 }
 
-/// Every leaf of `table` as a dotted key (a key may itself hold dots, e.g. `"optimizer.kind"`).
+/// Every leaf of `table` as a dotted key (a key may itself hold dots, e.g.
+/// `"optimizer.kind"`), keys sorted at every level (the order compare's
+/// columns and the hparams have always had).
 fn flatten_table(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
-    for (key, value) in table {
+    let mut entries: Vec<(&String, &toml::Value)> = table.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    for (key, value) in entries {
         let key = if prefix.is_empty() {
             key.clone()
         } else {
@@ -1681,6 +1730,23 @@ mod tests {
             written.contains("beta1") && !written.contains("\npool"),
             "{written}"
         );
+    }
+
+    /// A run's config.toml written before keys that do not apply were left
+    /// out (every key) still serves resume, rescue and compare.
+    #[test]
+    fn an_older_run_config_with_every_key_loads_as_a_run_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml::to_string_pretty(&Config::default()).unwrap()).unwrap();
+        assert!(matches!(
+            Config::load(Some(&path), &[]),
+            Err(UserError::ConfigKey { .. })
+        ));
+        let config = Config::load_run(&path, &[]).unwrap();
+        assert_eq!(config, Config::default());
+        // Its --set overrides are checked as ever.
+        assert!(Config::load_run(&path, &["optimizer.beta1=0.5".into()]).is_err());
     }
 
     /// Every experiment loads, and the config.toml its run writes loads again to the same text.

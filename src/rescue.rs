@@ -228,7 +228,7 @@ pub fn from_disk(
             "did not diverge; continue it with `larslab train --resume RUN --set train.steps=N`",
         )
     })?;
-    let config = Config::load(Some(&run_dir.file(run_dir::CONFIG)), overrides)?;
+    let config = Config::load_run(&run_dir.file(run_dir::CONFIG), overrides)?;
     if config.train.steps <= verdict.onset_step {
         return Err(UserError::key(
             "train.steps",
@@ -303,6 +303,7 @@ fn run_one(
     let parent = run_dir.path().parent().unwrap_or(Path::new("."));
     let stem = format!("{}.rescue", root_name(run_dir.path()));
     let dir = RunDir::create_numbered(parent, &stem)?;
+    let _lock = dir.lock()?;
     let name = dir
         .path()
         .file_name()
