@@ -236,12 +236,16 @@ impl Detector {
 
     /// Takes in one step and says whether the run is now diverging.
     pub fn observe(&mut self, step: u64, seen: Observation) -> Option<Verdict> {
-        let c = self.config.clone();
+        let (non_finite, fast_patience, patience) = (
+            self.config.non_finite,
+            self.config.fast_patience,
+            self.config.patience,
+        );
         let loss = seen.loss;
         self.remember_step(step, seen);
-        let immediate = if c.non_finite && !loss.is_finite() {
+        let immediate = if non_finite && !loss.is_finite() {
             Some(Rule::NonFiniteLoss)
-        } else if c.non_finite && seen.grad_norm.is_some_and(|g| !g.is_finite()) {
+        } else if non_finite && seen.grad_norm.is_some_and(|g| !g.is_finite()) {
             Some(Rule::NonFiniteGrad)
         } else {
             None
@@ -253,8 +257,8 @@ impl Detector {
         let fast = self.fast_rule(loss, seen);
         let slow = self.ratio_rule(step, loss, seen.grad_norm);
         self.remember(loss, seen.grad_norm, seen.layer_grad_norms);
-        let fast = advance(&mut self.state.fast_streak, fast, step, c.fast_patience);
-        let slow = advance(&mut self.state.streak, slow, step, c.patience);
+        let fast = advance(&mut self.state.fast_streak, fast, step, fast_patience);
+        let slow = advance(&mut self.state.streak, slow, step, patience);
         let verdict = fast.or(slow)?;
         Some(self.attributed(verdict))
     }

@@ -1,7 +1,7 @@
 //! End-to-end tests through the `larslab` binary, as a user runs it.
 
 mod common;
-use common::{mnist_dir, read_json, stderr};
+use common::{gzipped, idx_bytes, mnist_dir, read_json, stderr};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -321,22 +321,6 @@ fn real_mnist_trains_well_above_chance() {
     let accuracy = summary["final_val_accuracy"].as_f64().unwrap();
     eprintln!("MNIST t10k, 784-128-10, 400 steps: val accuracy {accuracy:.4}");
     assert!(accuracy > 0.85, "val accuracy {accuracy}");
-}
-
-fn idx_bytes(code: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![0, 0, code, dims.len() as u8];
-    for d in dims {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    bytes.extend_from_slice(data);
-    bytes
-}
-
-fn gzipped(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
 }
 
 /// Every way a data file can be wrong ends with exit 2, an `error:` line naming

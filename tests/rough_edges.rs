@@ -2,7 +2,7 @@
 //! and what a careless or hostile user tried, each through the binary.
 
 mod common;
-use common::{larslab, stderr};
+use common::{gzipped, idx_bytes, larslab, stderr};
 
 use std::path::Path;
 
@@ -181,22 +181,6 @@ fn a_sweep_survives_its_binary_being_replaced() {
         .map(|r| r["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["finished"; 3]);
-}
-
-fn idx_bytes(code: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![0, 0, code, dims.len() as u8];
-    for d in dims {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    bytes.extend_from_slice(data);
-    bytes
-}
-
-fn gzipped(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
 }
 
 #[test]

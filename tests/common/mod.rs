@@ -100,3 +100,21 @@ pub fn assert_matches_reference<'a>(
         }
     }
 }
+
+/// An IDX file: magic (type `code`, rank), big-endian dimensions, then the data.
+pub fn idx_bytes(code: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0, 0, code, dims.len() as u8];
+    for d in dims {
+        bytes.extend_from_slice(&d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// `bytes` as one gzip stream.
+pub fn gzipped(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
