@@ -129,7 +129,7 @@ impl BatchNorm {
     }
 
     /// Running statistics follow PyTorch: the variance is the unbiased one.
-    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let unbiased = if count > 1 {
             count as f64 / (count - 1) as f64
         } else {

@@ -14,78 +14,137 @@ pub struct Im2Col {
     pub padding: usize,
 }
 
-/// The geometry both directions share.
+/// The geometry of a k×k window, stride 1, zero padding `pad`, over
+/// channels-last `[n, h, w, c]` images: which patch row and column each
+/// pixel goes to. [`Im2Col`] and the fused CNN pass
+/// ([`crate::model::fused`]) both write patches and take their adjoint
+/// through it.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    k: usize,
-    pad: usize,
-    h_out: usize,
-    w_out: usize,
+pub struct Patches {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub pad: usize,
+    pub h_out: usize,
+    pub w_out: usize,
 }
 
-impl Geometry {
-    fn new(dims: &[usize], kernel: usize, padding: usize) -> Result<Self> {
-        let &[n, h, w, c] = dims else {
-            bail!("im2col needs a [n, h, w, c] image, got {dims:?}")
-        };
+impl Patches {
+    /// `None` where the kernel does not fit the padded image.
+    pub fn new([h, w, c]: [usize; 3], kernel: usize, padding: usize) -> Option<Self> {
         let out = |side: usize| {
             (side + 2 * padding + 1)
                 .checked_sub(kernel)
                 .filter(|&s| s > 0)
         };
-        let (Some(h_out), Some(w_out)) = (out(h), out(w)) else {
-            bail!("a {kernel}×{kernel} kernel does not fit a {h}×{w} image padded by {padding}")
-        };
-        Ok(Self {
-            n,
+        Some(Self {
             h,
             w,
             c,
             k: kernel,
             pad: padding,
-            h_out,
-            w_out,
+            h_out: out(h)?,
+            w_out: out(w)?,
         })
     }
 
-    fn row_len(&self) -> usize {
+    /// Values of one patch row: k·k·c.
+    pub fn row_len(&self) -> usize {
         self.k * self.k * self.c
     }
 
-    /// Visits every (patch row, offset in the row, image offset) run of `c`
-    /// contiguous channels that lies inside the image.
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize)) {
-        let Geometry {
-            n,
-            h,
-            w,
-            c,
-            k,
-            pad,
-            h_out,
-            w_out,
+    /// Patch rows of one image: h'·w'.
+    pub fn rows_per_image(&self) -> usize {
+        self.h_out * self.w_out
+    }
+
+    /// Values of one image: h·w·c.
+    pub fn image_len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+
+    /// Writes every value of the patch rows of `images` (whole images,
+    /// channels-last) into `patches`: row (b, y, x) holds the window at
+    /// (y − pad, x − pad) in (i, j, channel) order, zero outside the image.
+    pub fn write(&self, images: &[f32], patches: &mut [f32]) {
+        let Patches {
+            h, w, c, k, pad, ..
         } = *self;
-        for b in 0..n {
-            for y in 0..h_out {
-                for x in 0..w_out {
-                    let row = ((b * h_out + y) * w_out + x) * self.row_len();
-                    for i in 0..k {
+        let mut rows = patches.chunks_exact_mut(self.row_len());
+        for image in images.chunks_exact(self.image_len()) {
+            for y in 0..self.h_out {
+                for x in 0..self.w_out {
+                    let row = rows.next().expect("room for every patch row");
+                    for (i, window_row) in row.chunks_exact_mut(k * c).enumerate() {
                         let Some(iy) = (y + i).checked_sub(pad).filter(|&v| v < h) else {
+                            window_row.fill(0.0);
                             continue;
                         };
-                        for j in 0..k {
-                            let Some(ix) = (x + j).checked_sub(pad).filter(|&v| v < w) else {
-                                continue;
-                            };
-                            f(row + (i * k + j) * c, ((b * h + iy) * w + ix) * c);
+                        for (j, run) in window_row.chunks_exact_mut(c).enumerate() {
+                            match (x + j).checked_sub(pad).filter(|&v| v < w) {
+                                Some(ix) => {
+                                    let from = (iy * w + ix) * c;
+                                    run.copy_from_slice(&image[from..from + c]);
+                                }
+                                None => run.fill(0.0),
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// The adjoint of [`Patches::write`]: every pixel of `images` is set to
+    /// the sum of the patch entries it went to. Each pixel adds its entries
+    /// in the order of their patch rows, from 0, so that the sums have the
+    /// same bits however the images are split between threads.
+    pub fn add_back(&self, patches: &[f32], images: &mut [f32]) {
+        let Patches {
+            h, w, c, k, pad, ..
+        } = *self;
+        let (h_out, w_out, row_len) = (self.h_out, self.w_out, self.row_len());
+        let image_patches = self.rows_per_image() * row_len;
+        for (image, patches) in images
+            .chunks_exact_mut(self.image_len())
+            .zip(patches.chunks_exact(image_patches))
+        {
+            for iy in 0..h {
+                for ix in 0..w {
+                    let pixel = &mut image[(iy * w + ix) * c..(iy * w + ix + 1) * c];
+                    pixel.fill(0.0);
+                    // Patch rows (y, x) in increasing order: window rows i and
+                    // columns j decreasing.
+                    for i in (0..k).rev() {
+                        let Some(y) = (iy + pad).checked_sub(i).filter(|&y| y < h_out) else {
+                            continue;
+                        };
+                        for j in (0..k).rev() {
+                            let Some(x) = (ix + pad).checked_sub(j).filter(|&x| x < w_out) else {
+                                continue;
+                            };
+                            let from = (y * w_out + x) * row_len + (i * k + j) * c;
+                            for (p, v) in pixel.iter_mut().zip(&patches[from..from + c]) {
+                                *p += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`Patches`] of a `[n, h, w, c]` tensor.
+fn geometry(dims: &[usize], kernel: usize, padding: usize) -> Result<(usize, Patches)> {
+    let &[n, h, w, c] = dims else {
+        bail!("im2col needs a [n, h, w, c] image, got {dims:?}")
+    };
+    match Patches::new([h, w, c], kernel, padding) {
+        Some(g) => Ok((n, g)),
+        None => {
+            bail!("a {kernel}×{kernel} kernel does not fit a {h}×{w} image padded by {padding}")
         }
     }
 }
@@ -96,22 +155,24 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(layout.dims(), self.kernel, self.padding)?;
+        let (n, g) = geometry(layout.dims(), self.kernel, self.padding)?;
         let image = contiguous_f32(storage, layout)?;
-        let rows = g.n * g.h_out * g.w_out;
+        let rows = n * g.rows_per_image();
         let mut patches = vec![0f32; rows * g.row_len()];
-        g.for_each_run(|to, from| patches[to..to + g.c].copy_from_slice(&image[from..from + g.c]));
+        g.write(image, &mut patches);
         Ok((CpuStorage::F32(patches), Shape::from((rows, g.row_len()))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = Geometry::new(arg.dims(), self.kernel, self.padding)?;
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(g))?))
+        let (n, g) = geometry(arg.dims(), self.kernel, self.padding)?;
+        Ok(Some(
+            grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(n, g))?,
+        ))
     }
 }
 
 /// The adjoint of [`Im2Col`]: every patch entry is added back to the pixel it came from.
-struct Col2Im(Geometry);
+struct Col2Im(usize, Patches);
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
@@ -119,18 +180,11 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let Col2Im(n, g) = *self;
         let patches = contiguous_f32(storage, layout)?;
-        let mut image = vec![0f32; g.n * g.h * g.w * g.c];
-        g.for_each_run(|from, to| {
-            for (pixel, patch) in image[to..to + g.c]
-                .iter_mut()
-                .zip(&patches[from..from + g.c])
-            {
-                *pixel += patch;
-            }
-        });
-        Ok((CpuStorage::F32(image), Shape::from((g.n, g.h, g.w, g.c))))
+        let mut image = vec![0f32; n * g.image_len()];
+        g.add_back(patches, &mut image);
+        Ok((CpuStorage::F32(image), Shape::from((n, g.h, g.w, g.c))))
     }
 }
 

@@ -24,7 +24,7 @@ use std::ops::{Deref, Range};
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail};
 
 pub use batch_norm::{BatchNormTrain, ChannelMoments};
-pub use im2col::Im2Col;
+pub use im2col::{Im2Col, Patches};
 pub use norm::{SquareSum, host_l2_norm, l2_norm, sum_of_squares};
 pub use pool::Pool2;
 pub use scale::{scale, scale_by};

@@ -239,6 +239,44 @@ pub unsafe fn sgemm_then<'a, F: Fn(Range<usize>, Range<usize>)>(
     finish(0..m, 0..n);
 }
 
+/// How a slice holds a matrix for [`product`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Row after row, each as long as the matrix is wide.
+    RowMajor,
+    /// Column after column, each as long as the matrix is high.
+    ColumnMajor,
+}
+
+/// `c = a · b` on slices, the bounds checked: `a` m×k, `b` k×n and `c`
+/// row-major m×n, on the calling thread.
+pub fn product(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    (a, a_order): (&[f32], Order),
+    (b, b_order): (&[f32], Order),
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "a product's slices hold its matrices"
+    );
+    let operand = |x: &[f32], order, (rows, cols): (usize, usize)| match order {
+        Order::RowMajor => Operand::rows(x.as_ptr(), cols),
+        Order::ColumnMajor => Operand::columns(x.as_ptr(), rows),
+    };
+    // SAFETY: the slices hold the m×k, k×n and m×n values at these strides,
+    // and `c` is borrowed mutably.
+    unsafe {
+        sgemm(
+            (m, n, k),
+            c.as_mut_ptr(),
+            n,
+            operand(a, a_order, (m, k)),
+            operand(b, b_order, (k, n)),
+        )
+    }
+}
+
 /// [`sgemm`] through the `gemm` crate, for CPUs without AVX-512.
 ///
 /// # Safety

@@ -47,7 +47,7 @@ pub fn forward_backward(
     dropout_rng: &mut Rng,
     trace: bool,
 ) -> anyhow::Result<Gradients> {
-    if fused::applies(model, x) {
+    if fused::applies(x) {
         return fused_pass(model, (x, y), dropout_rng, trace);
     }
     let g = if model.is_convolutional() {

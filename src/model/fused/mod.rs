@@ -24,6 +24,8 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor, bail};
 
+mod conv;
+
 use super::activation::{self, Pointwise};
 use super::{ForwardTrace, Model, dropout_values};
 use crate::config::Activation;
@@ -49,10 +51,9 @@ pub struct ForwardBackward {
     pub trace: Option<ForwardTrace>,
 }
 
-/// Whether [`forward_backward`] can take this model and batch: an MLP, f32
-/// values on the CPU.
-pub fn applies(model: &Model, x: &Tensor) -> bool {
-    !model.is_convolutional() && x.contiguous().is_ok_and(|x| host_f32(&x).is_some())
+/// Whether [`forward_backward`] can take this batch: f32 values on the CPU.
+pub fn applies(x: &Tensor) -> bool {
+    x.contiguous().is_ok_and(|x| host_f32(&x).is_some())
 }
 
 /// Forward (dropout masks drawn from `dropout_rng` as [`Model::forward`]
@@ -148,10 +149,20 @@ impl Run<'_> {
                 fan_in,
             }
         };
+        let blocks = conv::HostBlock::of(model)?;
+        let mut block_forward: Vec<conv::BlockForward> = Vec::with_capacity(blocks.len());
+        for (i, block) in blocks.iter().enumerate() {
+            let x_i: &[f32] = match i {
+                0 => &input,
+                _ => &block_forward[i - 1].output,
+            };
+            block_forward.push(block.forward(phi, x_i, n, trace)?);
+        }
+        let head_input: &[f32] = block_forward.last().map_or(&input, |f| &f.output);
         let mut forward: Vec<Forward> = Vec::with_capacity(layers.len());
         for i in 0..layers.len() {
             let x_i: &[f32] = if i == 0 {
-                &input
+                head_input
             } else {
                 forward[i - 1].output()
             };
@@ -175,16 +186,21 @@ impl Run<'_> {
         let mut grads = None;
         let mut grad_norms = None;
         let mut preact_grads = Vec::with_capacity(layers.len());
+        let mut block_preact_grads = Vec::with_capacity(blocks.len());
         if loss.is_finite() {
             let mut reversed = Vec::with_capacity(2 * layers.len());
             let mut reversed_norms = Vec::with_capacity(2 * layers.len());
             for i in (0..layers.len()).rev() {
                 let x_i: &[f32] = if i == 0 {
-                    &input
+                    head_input
                 } else {
                     forward[i - 1].output()
                 };
-                let below = i.checked_sub(1).map(|j| &forward[j]);
+                let below = match i.checked_sub(1) {
+                    Some(j) => Below::Hidden(&forward[j]),
+                    None if blocks.is_empty() => Below::Nothing,
+                    None => Below::Input,
+                };
                 let layer = dense(i);
                 let g = layer.backward(phi, x_i, (&delta, delta_sums.take()), n, below);
                 delta_sums = g.upstream_sums;
@@ -196,16 +212,48 @@ impl Run<'_> {
                 let delta_i = std::mem::replace(&mut delta, g.upstream.unwrap_or_default());
                 preact_grads.push(Tensor::from_vec(delta_i, (n, layer.out), &Device::Cpu)?);
             }
+            // δ of the head's input, back through the convolution blocks.
+            for i in (0..blocks.len()).rev() {
+                let x_i: &[f32] = match i {
+                    0 => &input,
+                    _ => &block_forward[i - 1].output,
+                };
+                let g =
+                    blocks[i].backward(phi, x_i, &block_forward[i], &delta, n, (i > 0, trace))?;
+                delta = g.input_grad.unwrap_or_default();
+                for (grad, norm) in g.grads.into_iter().rev() {
+                    reversed.push(grad);
+                    reversed_norms.push(norm);
+                }
+                block_preact_grads.extend(g.preact_grad);
+            }
             reversed.reverse();
             reversed_norms.reverse();
             preact_grads.reverse();
+            block_preact_grads.reverse();
             grads = Some(reversed);
             grad_norms = Some(reversed_norms);
         }
 
         let trace = if trace {
+            let head_x = match block_forward.last() {
+                Some(f) => Tensor::from_slice(&f.output, (n, shapes[0].1), &Device::Cpu)?,
+                None => x.clone(),
+            };
             drop(input);
-            Some(into_trace(model, x, forward, preact_grads, n)?)
+            let mut trace = into_trace(model, head_x, forward, preact_grads, n)?;
+            let mut convs = conv::into_trace(&blocks, block_forward, block_preact_grads, n)?;
+            for (head, convs) in [
+                (&mut trace.preacts, &mut convs.preacts),
+                (&mut trace.acts, &mut convs.acts),
+                (&mut trace.preact_grads, &mut convs.preact_grads),
+            ] {
+                convs.append(head);
+                std::mem::swap(head, convs);
+            }
+            convs.layers.append(&mut trace.layers);
+            trace.layers = convs.layers;
+            Some(trace)
         } else {
             None
         };
@@ -226,6 +274,17 @@ struct HostDense<'a> {
     bias: &'a [f32],
     out: usize,
     fan_in: usize,
+}
+
+/// What a dense layer's backward pass is to give of the layer below.
+#[derive(Clone, Copy)]
+enum Below<'a> {
+    /// Nothing: the layer reads the batch.
+    Nothing,
+    /// δ of its input, the convolution blocks' output.
+    Input,
+    /// δ of the hidden layer below, through its mask and φ'.
+    Hidden(&'a Forward),
 }
 
 /// One layer's gradients, from [`HostDense::backward`].
@@ -358,7 +417,7 @@ impl HostDense<'_> {
         x: &[f32],
         (delta, delta_sums): (&[f32], Option<Vec<f32>>),
         n: usize,
-        below: Option<&Forward>,
+        below: Below,
     ) -> Gradient {
         let HostDense {
             weight: w,
@@ -370,13 +429,18 @@ impl HostDense<'_> {
         let summed = delta_sums.is_some();
         let mut bias = delta_sums.unwrap_or_else(|| vec![0f32; out]);
         let mut row_squares = vec![0f64; out];
-        let mut upstream = below.map(|_| Uninit::new(n * fan_in));
-        let mut upstream_sums = below.map(|_| vec![0f32; fan_in]);
+        let hidden_below = match below {
+            Below::Hidden(f) => Some(f),
+            _ => None,
+        };
+        let wants_delta = !matches!(below, Below::Nothing);
+        let mut upstream = wants_delta.then(|| Uninit::new(n * fan_in));
+        let mut upstream_sums = hidden_below.map(|_| vec![0f32; fan_in]);
         // The parts split ∂W by rows (units) where there are enough of them, by
         // columns where there are not (the output layer).
         let by_units = shares_columns(out);
         let x_ahead = packed_ahead(by_units, Side::B, (n, fan_in), x);
-        let delta_ahead = packed_ahead(below.is_some(), Side::A, (n, out), delta);
+        let delta_ahead = packed_ahead(wants_delta, Side::A, (n, out), delta);
         pack_in_parts([x_ahead.as_ref(), delta_ahead.as_ref()]);
         {
             let dw = weight.parts();
@@ -447,15 +511,18 @@ impl HostDense<'_> {
                         if by_units && !summed {
                             bias_of(units);
                         }
-                        let (Some(du), Some(below)) = (&du, below) else {
+                        let Some(du) = &du else {
                             return;
                         };
                         // δ_{i−1}[:, inputs] = (δ · W[:, inputs]) ⊙ mask ⊙ φ'(z),
                         // the factors applied block by block.
-                        let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
                         let finish = per_block(
                             #[inline(always)]
                             |rows: Range<usize>, block: Range<usize>| {
+                                let Some(below) = hidden_below else {
+                                    return;
+                                };
+                                let h = below.act.as_ref().expect("a hidden layer keeps φ(z)");
                                 let columns = inputs.start + block.start..inputs.start + block.end;
                                 for r in rows {
                                     by_sixteen(
