@@ -67,6 +67,10 @@ impl Patches {
     /// Writes every value of the patch rows of `images` (whole images,
     /// channels-last) into `patches`: row (b, y, x) holds the window at
     /// (y − pad, x − pad) in (i, j, channel) order, zero outside the image.
+    /// (Inlined, so that [`super::wide`] compiles it for the caller's
+    /// vectors; the runs are copied by [`copy`], not by calls to `memcpy`,
+    /// which cost more than a 5-value run of a first layer.)
+    #[inline(always)]
     pub fn write(&self, images: &[f32], patches: &mut [f32]) {
         let Patches {
             h, w, c, k, pad, ..
@@ -76,20 +80,20 @@ impl Patches {
             for y in 0..self.h_out {
                 for x in 0..self.w_out {
                     let row = rows.next().expect("room for every patch row");
+                    // The window's columns inside the image: j in first..last.
+                    let first = pad.saturating_sub(x).min(k);
+                    let last = (w + pad).saturating_sub(x).clamp(first, k);
                     for (i, window_row) in row.chunks_exact_mut(k * c).enumerate() {
                         let Some(iy) = (y + i).checked_sub(pad).filter(|&v| v < h) else {
-                            window_row.fill(0.0);
+                            zero(window_row);
                             continue;
                         };
-                        for (j, run) in window_row.chunks_exact_mut(c).enumerate() {
-                            match (x + j).checked_sub(pad).filter(|&v| v < w) {
-                                Some(ix) => {
-                                    let from = (iy * w + ix) * c;
-                                    run.copy_from_slice(&image[from..from + c]);
-                                }
-                                None => run.fill(0.0),
-                            }
-                        }
+                        let (before, rest) = window_row.split_at_mut(first * c);
+                        let (inside, after) = rest.split_at_mut((last - first) * c);
+                        zero(before);
+                        zero(after);
+                        let from = (iy * w + x + first - pad) * c;
+                        copy(inside, &image[from..from + inside.len()]);
                     }
                 }
             }
@@ -100,6 +104,7 @@ impl Patches {
     /// the sum of the patch entries it went to. Each pixel adds its entries
     /// in the order of their patch rows, from 0, so that the sums have the
     /// same bits however the images are split between threads.
+    #[inline(always)]
     pub fn add_back(&self, patches: &[f32], images: &mut [f32]) {
         let Patches {
             h, w, c, k, pad, ..
@@ -113,7 +118,7 @@ impl Patches {
             for iy in 0..h {
                 for ix in 0..w {
                     let pixel = &mut image[(iy * w + ix) * c..(iy * w + ix + 1) * c];
-                    pixel.fill(0.0);
+                    zero(pixel);
                     // Patch rows (y, x) in increasing order: window rows i and
                     // columns j decreasing.
                     for i in (0..k).rev() {
@@ -133,6 +138,33 @@ impl Patches {
                 }
             }
         }
+    }
+}
+
+/// `to = from`, 16 values at a time, then one by one.
+#[inline(always)]
+fn copy(to: &mut [f32], from: &[f32]) {
+    let mut to = to.chunks_exact_mut(16);
+    let mut from = from.chunks_exact(16);
+    for (t, f) in (&mut to).zip(&mut from) {
+        t.copy_from_slice(f);
+    }
+    for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+        // A volatile-free way to keep the loop a loop: `memcpy` for a handful
+        // of values costs more than the copy.
+        *t = std::hint::black_box(*f);
+    }
+}
+
+/// `to = 0`, 16 values at a time, then one by one.
+#[inline(always)]
+fn zero(to: &mut [f32]) {
+    let mut to = to.chunks_exact_mut(16);
+    for t in &mut to {
+        t.copy_from_slice(&[0.0; 16]);
+    }
+    for t in to.into_remainder() {
+        *t = std::hint::black_box(0.0);
     }
 }
 

@@ -31,7 +31,7 @@ use super::super::activation::Pointwise;
 use super::super::{BatchNorm, ForwardTrace, Model};
 use crate::config::Pool;
 use crate::ops::sgemm::{Order, product};
-use crate::ops::{F32View, Patches, sum_of_squares};
+use crate::ops::{F32View, Patches, sum_of_squares, wide};
 
 /// Patch rows per task: a conv2 task of 7 images (1,372 rows of 400
 /// values) keeps its patches, 2.2 MB, in L2 between im2col and the product.
@@ -167,31 +167,37 @@ impl<'a> HostBlock<'a> {
         n: usize,
         trace: bool,
     ) -> Result<BlockForward> {
-        let (images, row_len) = (self.task_images(), self.patches.row_len());
+        let (images, c, row_len) = (self.task_images(), self.c_out, self.patches.row_len());
+        let task_conv = images * self.conv_len();
         let mut conv = vec![0f32; n * self.conv_len()];
         let sums: Vec<Vec<(f64, f64)>> = conv
-            .par_chunks_mut(images * self.conv_len())
+            .par_chunks_mut(task_conv)
             .zip(x.par_chunks(images * self.patches.image_len()))
             .map(|(u, x)| {
-                let rows = u.len() / self.c_out;
+                let rows = u.len() / c;
                 with_scratch((rows * row_len, 0), |patches, _| {
-                    self.patches.write(x, patches);
+                    wide(|| self.patches.write(x, patches));
                     product(
-                        (rows, self.c_out, row_len),
+                        (rows, c, row_len),
                         u,
                         (patches, Order::RowMajor),
                         (&self.kernel, Order::ColumnMajor),
                     );
                 });
-                for row in u.chunks_exact_mut(self.c_out) {
-                    for (u, b) in row.iter_mut().zip(self.bias.iter()) {
-                        *u += b;
-                    }
-                }
-                match self.norm {
-                    Some(_) => channel_sums(u, self.c_out),
-                    None => Vec::new(),
-                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        for row in u.chunks_exact_mut(c) {
+                            for (u, b) in row.iter_mut().zip(self.bias.iter()) {
+                                *u += b;
+                            }
+                        }
+                        match self.norm {
+                            Some(_) => channel_sums(u, c),
+                            None => Vec::new(),
+                        }
+                    },
+                )
             })
             .collect();
         let norm = match &self.norm {
@@ -209,35 +215,29 @@ impl<'a> HostBlock<'a> {
             Some((z, h)) => (Some(z), Some(h)),
             None => (None, None),
         };
-        let task_conv = images * self.conv_len();
-        let normalise = self.normalise(norm.as_ref());
-        let z_of = &normalise;
+        let affine = self.affine(norm.as_ref());
         output
             .par_chunks_mut(images * self.output_len())
             .zip(conv.par_chunks(task_conv))
             .zip(optional_chunks(zs, task_conv, tasks))
             .zip(optional_chunks(hs, task_conv, tasks))
             .for_each(|(((y, u), zs), hs)| {
-                for (y, u) in y
-                    .chunks_exact_mut(self.output_len())
-                    .zip(u.chunks_exact(self.conv_len()))
-                {
-                    self.pool_image(phi, z_of, u, y);
-                }
-                if let (Some(zs), Some(hs)) = (zs, hs) {
-                    for ((z, h), u) in zs
-                        .chunks_exact_mut(self.c_out)
-                        .zip(hs.chunks_exact_mut(self.c_out))
-                        .zip(u.chunks_exact(self.c_out))
-                    {
-                        z_of(u, z);
-                        for (h, z) in h.iter_mut().zip(z.iter()) {
-                            *h = phi.value(*z);
+                wide(
+                    #[inline(always)]
+                    || {
+                        let mut window = Window::new(c);
+                        for (y, u) in y
+                            .chunks_exact_mut(self.output_len())
+                            .zip(u.chunks_exact(self.conv_len()))
+                        {
+                            self.pool_image(phi, affine, u, y, &mut window);
                         }
-                    }
-                }
+                        if let (Some(zs), Some(hs)) = (zs, hs) {
+                            activate(phi, affine, u, zs, hs);
+                        }
+                    },
+                )
             });
-        drop(normalise);
         Ok(BlockForward {
             conv,
             norm,
@@ -262,25 +262,30 @@ impl<'a> HostBlock<'a> {
         let tasks = n.div_ceil(images);
         let (c, row_len) = (self.c_out, self.patches.row_len());
         let task_conv = images * self.conv_len();
-        let z_of = self.normalise(forward.norm.as_ref());
+        let affine = self.affine(forward.norm.as_ref());
         let mut dz = vec![0f32; n * self.conv_len()];
-        let norm = self.norm.as_ref().zip(forward.norm.as_ref());
         let sums: Vec<Vec<(f64, f64)>> = dz
             .par_chunks_mut(task_conv)
             .zip(forward.conv.par_chunks(task_conv))
             .zip(dy.par_chunks(images * self.output_len()))
             .map(|((dz, u), dy)| {
-                for ((dz, u), dy) in dz
-                    .chunks_exact_mut(self.conv_len())
-                    .zip(u.chunks_exact(self.conv_len()))
-                    .zip(dy.chunks_exact(self.output_len()))
-                {
-                    self.unpool_image(phi, &z_of, u, dy, dz);
-                }
-                match norm {
-                    Some((_, (mean, inv))) => normalised_sums(dz, u, (mean, inv)),
-                    None => Vec::new(),
-                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        let mut window = Window::new(c);
+                        for ((dz, u), dy) in dz
+                            .chunks_exact_mut(self.conv_len())
+                            .zip(u.chunks_exact(self.conv_len()))
+                            .zip(dy.chunks_exact(self.output_len()))
+                        {
+                            self.unpool_image(phi, affine, (u, dy), dz, &mut window);
+                        }
+                        match affine {
+                            Some(a) => normalised_sums(dz, u, a),
+                            None => Vec::new(),
+                        }
+                    },
+                )
             })
             .collect();
         let preact_grad = trace
@@ -291,13 +296,7 @@ impl<'a> HostBlock<'a> {
             .transpose()?;
 
         // ∂β = Σ δz and ∂γ = Σ δz·ẑ over the batch; then δu in place of δz.
-        let mut totals = vec![(0f64, 0f64); c];
-        for task in &sums {
-            for (t, s) in totals.iter_mut().zip(task) {
-                t.0 += s.0;
-                t.1 += s.1;
-            }
-        }
+        let totals = add_in_order(&sums, c);
         let (dbeta, dgamma): (Vec<f32>, Vec<f32>) =
             totals.iter().map(|&(b, g)| (b as f32, g as f32)).unzip();
         let m = (n * self.patches.rows_per_image()) as f32;
@@ -312,26 +311,20 @@ impl<'a> HostBlock<'a> {
                 tasks,
             ))
             .map(|(((du, u), x), dx)| {
-                if let Some((p, (mean, inv))) = norm {
-                    for (du, u) in du.chunks_exact_mut(c).zip(u.chunks_exact(c)) {
-                        for j in 0..c {
-                            let scale = p.gamma[j] * inv[j] / m;
-                            let zhat = (u[j] - mean[j]) * inv[j];
-                            du[j] = scale * (m * du[j] - dbeta[j] - zhat * dgamma[j]);
+                let bias = wide(
+                    #[inline(always)]
+                    || {
+                        if let Some(a) = affine {
+                            through_batch_norm(du, u, a, (&dbeta, &dgamma), m);
                         }
-                    }
-                }
-                let mut bias = vec![0f64; c];
-                for row in du.chunks_exact(c) {
-                    for (b, &d) in bias.iter_mut().zip(row) {
-                        *b += d as f64;
-                    }
-                }
+                        channel_sums(du, c).into_iter().map(|(s, _)| s).collect()
+                    },
+                );
                 let rows = du.len() / c;
                 let mut kernel = vec![0f32; c * row_len];
                 let grads_len = if dx.is_some() { rows * row_len } else { 0 };
                 with_scratch((rows * row_len, grads_len), |patches, patch_grads| {
-                    self.patches.write(x, patches);
+                    wide(|| self.patches.write(x, patches));
                     product(
                         (c, row_len, rows),
                         &mut kernel,
@@ -345,7 +338,7 @@ impl<'a> HostBlock<'a> {
                             (du, Order::RowMajor),
                             (&self.kernel, Order::RowMajor),
                         );
-                        self.patches.add_back(patch_grads, dx);
+                        wide(|| self.patches.add_back(patch_grads, dx));
                     }
                 });
                 (kernel, bias)
@@ -386,54 +379,6 @@ impl<'a> HostBlock<'a> {
         })
     }
 
-    /// δz of one image from δy: a max window's gradient to its first
-    /// maximum, an average's spread evenly, times φ'(z); zero on the pixels
-    /// that no window covers.
-    fn unpool_image<A: Pointwise>(
-        &self,
-        phi: A,
-        z_of: &impl Fn(&[f32], &mut [f32]),
-        u: &[f32],
-        dy: &[f32],
-        dz: &mut [f32],
-    ) {
-        let c = self.c_out;
-        let channel_stride = self.strides[2];
-        if self.pool != Pool::None {
-            dz.fill(0.0);
-        }
-        let (mut z, mut h) = (vec![0f32; 4 * c], vec![0f32; 4 * c]);
-        self.windows(|pixels, at| {
-            for (q, &pixel) in pixels.iter().enumerate() {
-                let span = q * c..(q + 1) * c;
-                z_of(&u[pixel * c..(pixel + 1) * c], &mut z[span.clone()]);
-                for (h, z) in h[span.clone()].iter_mut().zip(&z[span]) {
-                    *h = phi.value(*z);
-                }
-            }
-            for ch in 0..c {
-                let g = dy[at + ch * channel_stride];
-                let dh = |q: usize| match self.pool {
-                    Pool::None => g,
-                    Pool::Avg => g / 4.0,
-                    Pool::Max => {
-                        let mut best = 0;
-                        for r in 1..4 {
-                            if h[r * c + ch] > h[best * c + ch] {
-                                best = r;
-                            }
-                        }
-                        if q == best { g } else { 0.0 }
-                    }
-                };
-                for (q, &pixel) in pixels.iter().enumerate() {
-                    let (zq, hq) = (z[q * c + ch], h[q * c + ch]);
-                    dz[pixel * c + ch] = dh(q) * phi.slope(zq, hq);
-                }
-            }
-        });
-    }
-
     /// μ and 1/√(σ² + eps) per channel from the tasks' sums of u and u², as
     /// [`crate::ops::BatchNormTrain`] takes them, and the running statistics updated.
     fn batch_statistics(
@@ -443,15 +388,8 @@ impl<'a> HostBlock<'a> {
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let count = n * self.patches.rows_per_image();
-        let mut total = vec![(0f64, 0f64); self.c_out];
-        for task in sums {
-            for (t, s) in total.iter_mut().zip(task) {
-                t.0 += s.0;
-                t.1 += s.1;
-            }
-        }
         let m = count as f64;
-        let (mean, var): (Vec<f64>, Vec<f64>) = total
+        let (mean, var): (Vec<f64>, Vec<f64>) = add_in_order(sums, self.c_out)
             .iter()
             .map(|&(s, sq)| {
                 let mean = s / m;
@@ -472,103 +410,320 @@ impl<'a> HostBlock<'a> {
         Ok((as_f32(&mean), inv))
     }
 
-    /// u → z for one pixel's channels: BatchNorm's affine map, or the identity.
-    fn normalise<'s>(
-        &'s self,
-        norm: Option<&'s (Vec<f32>, Vec<f32>)>,
-    ) -> impl Fn(&[f32], &mut [f32]) + 's {
-        let affine = self.norm.as_ref().zip(norm);
-        move |u: &[f32], z: &mut [f32]| match affine {
-            Some((p, (mean, inv))) => {
-                for ((((z, u), mu), inv), (g, b)) in z
-                    .iter_mut()
-                    .zip(u)
-                    .zip(mean)
-                    .zip(inv)
-                    .zip(p.gamma.iter().zip(p.beta.iter()))
-                {
-                    *z = g * ((u - mu) * inv) + b;
-                }
-            }
-            None => z.copy_from_slice(u),
-        }
+    /// BatchNorm's map u → z with the batch's statistics, where there is BatchNorm.
+    fn affine<'s>(&'s self, norm: Option<&'s (Vec<f32>, Vec<f32>)>) -> Option<Affine<'s>> {
+        let (p, (mean, inv)) = self.norm.as_ref().zip(norm)?;
+        Some(Affine {
+            mean,
+            inv,
+            gamma: &p.gamma,
+            beta: &p.beta,
+        })
     }
 
-    /// The pixels of each pooling window of one image and where its pooled value goes.
-    fn windows(&self, mut f: impl FnMut(&[usize], usize)) {
+    /// The first pixel of each pooling window of one image (its 2×2 window,
+    /// or itself without pooling), and where the pooled value goes.
+    #[inline(always)]
+    fn windows(&self, mut f: impl FnMut(usize, usize)) {
         let p = &self.patches;
         let (h, w) = (p.h_out, p.w_out);
         let [sy, sx, _] = self.strides;
-        let pixel = |y: usize, x: usize| y * w + x;
+        let (step, (hp, wp)) = match self.pool {
+            Pool::None => (1, (h, w)),
+            Pool::Max | Pool::Avg => (2, (h / 2, w / 2)),
+        };
+        for y in 0..hp {
+            for x in 0..wp {
+                f((step * y) * w + step * x, y * sy + x * sx);
+            }
+        }
+    }
+
+    /// u of the pixels of the window at `pixel`, in [`Window`]'s order.
+    #[inline(always)]
+    fn corners<'u>(&self, u: &'u [f32], pixel: usize) -> [&'u [f32]; 4] {
+        let (c, w) = (self.c_out, self.patches.w_out);
+        let at = |p: usize| &u[p * c..(p + 1) * c];
         match self.pool {
-            Pool::None => {
-                for y in 0..h {
-                    for x in 0..w {
-                        f(&[pixel(y, x)], y * sy + x * sx);
-                    }
-                }
-            }
-            Pool::Max | Pool::Avg => {
-                for y in 0..h / 2 {
-                    for x in 0..w / 2 {
-                        let corners = [
-                            pixel(2 * y, 2 * x),
-                            pixel(2 * y, 2 * x + 1),
-                            pixel(2 * y + 1, 2 * x),
-                            pixel(2 * y + 1, 2 * x + 1),
-                        ];
-                        f(&corners, y * sy + x * sx);
-                    }
-                }
-            }
+            Pool::None => [at(pixel), &[], &[], &[]],
+            _ => [at(pixel), at(pixel + 1), at(pixel + w), at(pixel + w + 1)],
         }
     }
 
     /// y = pool(φ(z)) of one image from its u.
+    #[inline(always)]
     fn pool_image<A: Pointwise>(
         &self,
         phi: A,
-        z_of: &impl Fn(&[f32], &mut [f32]),
+        affine: Option<Affine>,
         u: &[f32],
         y: &mut [f32],
+        window: &mut Window,
     ) {
         let c = self.c_out;
         let channel_stride = self.strides[2];
-        let mut h = vec![0f32; 4 * c];
-        self.windows(|pixels, at| {
-            for (q, &pixel) in pixels.iter().enumerate() {
-                let hq = &mut h[q * c..(q + 1) * c];
-                z_of(&u[pixel * c..(pixel + 1) * c], hq);
-                for v in hq.iter_mut() {
-                    *v = phi.value(*v);
+        self.windows(|pixel, at| {
+            let corners = self.corners(u, pixel);
+            let pooled = window.pool(phi, affine, self.pool, corners);
+            if channel_stride == 1 {
+                y[at..at + c].copy_from_slice(pooled);
+            } else {
+                for (ch, v) in pooled.iter().enumerate() {
+                    y[at + ch * channel_stride] = *v;
                 }
             }
-            for ch in 0..c {
-                y[at + ch * channel_stride] = match self.pool {
-                    Pool::None => h[ch],
-                    Pool::Max => {
-                        let mut best = h[ch];
-                        for q in 1..4 {
-                            if h[q * c + ch] > best {
-                                best = h[q * c + ch];
-                            }
-                        }
-                        best
-                    }
-                    Pool::Avg => (h[ch] + h[c + ch] + h[2 * c + ch] + h[3 * c + ch]) / 4.0,
-                };
+        });
+    }
+
+    /// δz of one image from δy: a max window's gradient to its first
+    /// maximum, an average's spread evenly, times φ'(z); zero on the pixels
+    /// that no window covers.
+    #[inline(always)]
+    fn unpool_image<A: Pointwise>(
+        &self,
+        phi: A,
+        affine: Option<Affine>,
+        (u, dy): (&[f32], &[f32]),
+        dz: &mut [f32],
+        window: &mut Window,
+    ) {
+        let (c, w) = (self.c_out, self.patches.w_out);
+        let channel_stride = self.strides[2];
+        let p = &self.patches;
+        if self.pool != Pool::None && (p.h_out % 2 == 1 || p.w_out % 2 == 1) {
+            dz.fill(0.0);
+        }
+        self.windows(|pixel, at| {
+            let g = &mut window.g;
+            if channel_stride == 1 {
+                g.copy_from_slice(&dy[at..at + c]);
+            } else {
+                for (ch, g) in g.iter_mut().enumerate() {
+                    *g = dy[at + ch * channel_stride];
+                }
+            }
+            let corners = self.corners(u, pixel);
+            let grads = window.unpool(phi, affine, self.pool, corners);
+            match self.pool {
+                Pool::None => dz[pixel * c..(pixel + 1) * c].copy_from_slice(&grads[..c]),
+                _ => {
+                    let (top, bottom) = grads.split_at(2 * c);
+                    dz[pixel * c..(pixel + 2) * c].copy_from_slice(top);
+                    dz[(pixel + w) * c..(pixel + w + 2) * c].copy_from_slice(bottom);
+                }
             }
         });
     }
 }
 
+/// BatchNorm's affine map with the batch's statistics:
+/// z = γ·((u − μ)·1/√(σ² + eps)) + β per channel, as [`crate::ops::BatchNormTrain`].
+#[derive(Clone, Copy)]
+struct Affine<'s> {
+    mean: &'s [f32],
+    inv: &'s [f32],
+    gamma: &'s [f32],
+    beta: &'s [f32],
+}
+
+/// z (u, or BatchNorm's map of it) and h = φ(z) of the pixels of `u`.
+#[inline(always)]
+fn activate<A: Pointwise>(phi: A, affine: Option<Affine>, u: &[f32], z: &mut [f32], h: &mut [f32]) {
+    match affine {
+        Some(a) => {
+            let c = a.mean.len();
+            for ((z, h), u) in z
+                .chunks_exact_mut(c)
+                .zip(h.chunks_exact_mut(c))
+                .zip(u.chunks_exact(c))
+            {
+                for (((((z, h), u), mu), inv), (g, b)) in z
+                    .iter_mut()
+                    .zip(h.iter_mut())
+                    .zip(u)
+                    .zip(a.mean)
+                    .zip(a.inv)
+                    .zip(a.gamma.iter().zip(a.beta))
+                {
+                    *z = g * ((u - mu) * inv) + b;
+                    *h = phi.value(*z);
+                }
+            }
+        }
+        None => {
+            for ((z, h), u) in z.iter_mut().zip(h.iter_mut()).zip(u) {
+                *z = *u;
+                *h = phi.value(*u);
+            }
+        }
+    }
+}
+
+/// One pooling window's values per channel, in the order of its pixels:
+/// (2y, 2x), (2y, 2x + 1), (2y + 1, 2x), (2y + 1, 2x + 1); one pixel
+/// without pooling. The buffers of one task, reused window after window.
+struct Window {
+    z: Vec<f32>,
+    h: Vec<f32>,
+    /// δy of the window's channels.
+    g: Vec<f32>,
+    /// The window's pooled values, or its pixels' δz.
+    out: Vec<f32>,
+}
+
+impl Window {
+    fn new(c: usize) -> Self {
+        Self {
+            z: vec![0.0; 4 * c],
+            h: vec![0.0; 4 * c],
+            g: vec![0.0; c],
+            out: vec![0.0; 4 * c],
+        }
+    }
+
+    /// z and h of the window's pixels.
+    #[inline(always)]
+    fn activate<A: Pointwise>(&mut self, phi: A, affine: Option<Affine>, corners: [&[f32]; 4]) {
+        let c = self.g.len();
+        for (q, u) in corners.into_iter().enumerate() {
+            if !u.is_empty() {
+                let span = q * c..(q + 1) * c;
+                activate(phi, affine, u, &mut self.z[span.clone()], &mut self.h[span]);
+            }
+        }
+    }
+
+    /// pool(φ(z)) per channel: the first maximum, or the mean, of the four.
+    #[inline(always)]
+    fn pool<A: Pointwise>(
+        &mut self,
+        phi: A,
+        affine: Option<Affine>,
+        pool: Pool,
+        corners: [&[f32]; 4],
+    ) -> &[f32] {
+        self.activate(phi, affine, corners);
+        let c = self.g.len();
+        let (h, out) = (&self.h, &mut self.out[..c]);
+        let [h0, h1, h2, h3] = [0, 1, 2, 3].map(|q| &h[q * c..(q + 1) * c]);
+        match pool {
+            Pool::None => out.copy_from_slice(h0),
+            Pool::Max => {
+                for ((((out, &a), &b), &c), &d) in out.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
+                    *out = first_max([a, b, c, d]).1;
+                }
+            }
+            Pool::Avg => {
+                for ((((out, &a), &b), &c), &d) in out.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
+                    *out = (a + b + c + d) / 4.0;
+                }
+            }
+        }
+        out
+    }
+
+    /// δz of the window's pixels from δy (in `self.g`): all of it to the
+    /// first maximum, or a quarter to each, times φ'(z).
+    #[inline(always)]
+    fn unpool<A: Pointwise>(
+        &mut self,
+        phi: A,
+        affine: Option<Affine>,
+        pool: Pool,
+        corners: [&[f32]; 4],
+    ) -> &[f32] {
+        self.activate(phi, affine, corners);
+        let c = self.g.len();
+        let (z, h, g) = (&self.z, &self.h, &self.g);
+        let [z0, z1, z2, z3] = [0, 1, 2, 3].map(|q| &z[q * c..(q + 1) * c]);
+        let [h0, h1, h2, h3] = [0, 1, 2, 3].map(|q| &h[q * c..(q + 1) * c]);
+        let (d0, rest) = self.out.split_at_mut(c);
+        let (d1, rest) = rest.split_at_mut(c);
+        let (d2, d3) = rest.split_at_mut(c);
+        match pool {
+            Pool::None => {
+                for (((d, &g), &z), &h) in d0.iter_mut().zip(g).zip(z0).zip(h0) {
+                    *d = g * phi.slope(z, h);
+                }
+                return &self.out[..c];
+            }
+            Pool::Max => {
+                for ch in 0..c {
+                    let best = first_max([h0[ch], h1[ch], h2[ch], h3[ch]]).0;
+                    let share = |q: usize| if best == q { g[ch] } else { 0.0 };
+                    d0[ch] = share(0) * phi.slope(z0[ch], h0[ch]);
+                    d1[ch] = share(1) * phi.slope(z1[ch], h1[ch]);
+                    d2[ch] = share(2) * phi.slope(z2[ch], h2[ch]);
+                    d3[ch] = share(3) * phi.slope(z3[ch], h3[ch]);
+                }
+            }
+            Pool::Avg => {
+                for ch in 0..c {
+                    let share = g[ch] / 4.0;
+                    d0[ch] = share * phi.slope(z0[ch], h0[ch]);
+                    d1[ch] = share * phi.slope(z1[ch], h1[ch]);
+                    d2[ch] = share * phi.slope(z2[ch], h2[ch]);
+                    d3[ch] = share * phi.slope(z3[ch], h3[ch]);
+                }
+            }
+        }
+        &self.out
+    }
+}
+
+/// The index and value of the first maximum of a window, as
+/// [`crate::ops::Pool2`] picks it (a NaN is never picked over what came before).
+#[inline(always)]
+fn first_max(values: [f32; 4]) -> (usize, f32) {
+    let mut best = (0, values[0]);
+    for (q, &v) in values.iter().enumerate().skip(1) {
+        if v > best.1 {
+            best = (q, v);
+        }
+    }
+    best
+}
+
+/// δz → δu in place: γ·inv/m · (m·δz − ∂β − ẑ·∂γ), as BatchNorm's backward
+/// in [`crate::ops`] has it.
+#[inline(always)]
+fn through_batch_norm(
+    du: &mut [f32],
+    u: &[f32],
+    a: Affine,
+    (dbeta, dgamma): (&[f32], &[f32]),
+    m: f32,
+) {
+    let c = a.mean.len();
+    for (du, u) in du.chunks_exact_mut(c).zip(u.chunks_exact(c)) {
+        for j in 0..c {
+            let scale = a.gamma[j] * a.inv[j] / m;
+            let zhat = (u[j] - a.mean[j]) * a.inv[j];
+            du[j] = scale * (m * du[j] - dbeta[j] - zhat * dgamma[j]);
+        }
+    }
+}
+
+/// The tasks' per-channel sums added in task order.
+fn add_in_order(sums: &[Vec<(f64, f64)>], c: usize) -> Vec<(f64, f64)> {
+    let mut total = vec![(0f64, 0f64); c];
+    for task in sums {
+        for (t, s) in total.iter_mut().zip(task) {
+            t.0 += s.0;
+            t.1 += s.1;
+        }
+    }
+    total
+}
+
 /// Per channel, Σδz and Σδz·ẑ over the rows of `dz`, ẑ = (u − μ)/√(σ² + eps).
-fn normalised_sums(dz: &[f32], u: &[f32], (mean, inv): (&[f32], &[f32])) -> Vec<(f64, f64)> {
-    let c = mean.len();
+#[inline(always)]
+fn normalised_sums(dz: &[f32], u: &[f32], a: Affine) -> Vec<(f64, f64)> {
+    let c = a.mean.len();
     let mut sums = vec![(0f64, 0f64); c];
     for (g, u) in dz.chunks_exact(c).zip(u.chunks_exact(c)) {
         for j in 0..c {
-            let zhat = (u[j] - mean[j]) * inv[j];
+            let zhat = (u[j] - a.mean[j]) * a.inv[j];
             sums[j].0 += g[j] as f64;
             sums[j].1 += (g[j] * zhat) as f64;
         }
@@ -577,6 +732,7 @@ fn normalised_sums(dz: &[f32], u: &[f32], (mean, inv): (&[f32], &[f32])) -> Vec<
 }
 
 /// Per channel, Σu and Σu² over the rows of `u`, in f64.
+#[inline(always)]
 fn channel_sums(u: &[f32], c: usize) -> Vec<(f64, f64)> {
     let mut sums = vec![(0f64, 0f64); c];
     for row in u.chunks_exact(c) {
