@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
 
-use crate::config::{Activation, ModelConfig, ModelKind, Padding};
+use crate::config::{Activation, ModelConfig, ModelKind, Padding, oversized_layer};
 use crate::error::UserError;
 use crate::rng::{self, Rng, Stream};
 pub use layers::{BatchNorm, Conv, Dense};
@@ -194,13 +194,10 @@ fn architecture(
         .chain(config.hidden.iter().copied())
         .chain(std::iter::once(classes))
         .collect();
-    if let Some(w) = widths
-        .windows(2)
-        .find(|w| w[0].saturating_mul(w[1]) > MAX_LAYER_WEIGHTS)
-    {
+    if let Some([fan_in, fan_out]) = oversized_layer(&widths) {
         return Err(UserError::key(
             "model.hidden",
-            format!("a {}×{} layer would not fit in memory", w[1], w[0]),
+            format!("a {fan_out}×{fan_in} layer would not fit in memory"),
         ));
     }
     for (i, w) in widths.windows(2).enumerate() {
@@ -232,8 +229,6 @@ fn padding(config: &ModelConfig, kernel: usize) -> usize {
         Padding::Valid => 0,
     }
 }
-
-const MAX_LAYER_WEIGHTS: usize = 1 << 30;
 
 impl Model {
     /// A new model for samples of `sample_shape` (`[features]`, or `[h, w]`
