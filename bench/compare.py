@@ -21,7 +21,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The cases bench/jax_reference.py implements.
-JAX_CASES = ["mlp-1024-b128", "mlp-1024-b1024", "mlp-256-b128", "deep30-b128"]
+JAX_CASES = ["mlp-1024-b128", "mlp-1024-b1024", "mlp-256-b128", "deep30-b128", "cnn-bn-b128", "cnn-bn-b1024"]
 
 
 def parse_args(argv=None):

@@ -2,16 +2,18 @@
 """JAX reference for `larslab bench`: the same training step, timed the same way.
 
 What it measures: steps per second of one whole training step (forward,
-backward, optimizer update) of the four cases of src/bench.rs, on one fixed
-random batch, with momentum SGD and with larslab's LARS, in float32 on the
+backward, optimizer update) of the cases of src/bench.rs (the four MLPs and
+the two LeNet-style CNNs with BatchNorm), on one fixed random batch, with momentum SGD and with larslab's LARS, in float32 on the
 CPU. The step is one `jax.jit`-compiled function (loss and gradients from
 `jax.value_and_grad`, then the update), with the parameters and the momentum
 buffers donated so XLA can update them in place. Timing follows src/bench.rs:
 untimed warm-up steps (compilation happens before them), then `--repeats`
 blocks of `--steps` steps, the configurations taking turns block by block;
 a block's rate is steps / block time (`block_until_ready` at its end), and the
-median rate is reported. GFLOP/s counts 6 x parameters x batch per step, as
-larslab does. There is no "measurements on" configuration: larslab's
+median rate is reported. GFLOP/s counts what larslab's bench counts
+(`Model::step_flops`): per layer from its shapes, 2 FLOPs per multiply-add
+for the forward product, for dW and for the input's gradient, which the first
+layer does not need (XLA drops it too). There is no "measurements on" configuration: larslab's
 per-layer measurements have no counterpart here, so every result says
 `"measurements": false`.
 
@@ -41,6 +43,19 @@ CASES = {
     "deep30-b128": (784, [256] * 30, 10, 128),
 }
 
+# name -> (image side, convolutions [(channels, kernel)], hidden widths, classes,
+# batch), as Case::cnn in src/bench.rs: each convolution 'same', stride 1,
+# then BatchNorm with the batch's statistics (eps 1e-5, running statistics
+# updated with momentum 0.1 and the unbiased variance, as PyTorch and
+# larslab), ReLU and 2x2 max pooling; the head reads PyTorch's (channel, row,
+# column) order.
+CNN_CASES = {
+    "cnn-bn-b128": (28, [(16, 5), (32, 5)], [128], 10, 128),
+    "cnn-bn-b1024": (28, [(16, 5), (32, 5)], [128], 10, 1024),
+}
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
 # larslab's bench: OptimizerConfig::default() (src/config.rs) with lr 0.01
 # (src/bench.rs). Note that the default weight decay is 0, for LARS too:
 # larslab's bench runs LARS with beta = 0, so this does as well; the decay
@@ -62,7 +77,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="JAX reference for `larslab bench` (see the module docstring)."
     )
-    p.add_argument("--case", choices=list(CASES), help="one case (default: all)")
+    p.add_argument("--case", choices=[*CASES, *CNN_CASES], help="one case (default: all)")
     p.add_argument("--steps", type=positive, default=20, help="timed steps per repeat (20)")
     p.add_argument("--repeats", type=positive, default=5, help="timed repeats; the median is reported (5)")
     p.add_argument("--warmup", type=non_negative, default=5, help="untimed steps first (5)")
@@ -171,7 +186,11 @@ def init_params(case, seed=0):
 
 def fixed_batch(case, seed=1):
     """x uniform in [0, 1), labels uniform in [0, classes): one batch, reused every step."""
-    inputs, _, classes, batch = CASES[case] if isinstance(case, str) else case
+    if isinstance(case, str) and case in CNN_CASES:
+        side, _, _, classes, batch = CNN_CASES[case]
+        inputs = side * side
+    else:
+        inputs, _, classes, batch = CASES[case] if isinstance(case, str) else case
     rng = np.random.default_rng(seed)
     x = rng.random((batch, inputs), dtype=np.float32)
     y = rng.integers(0, classes, size=batch).astype(np.int32)
@@ -192,6 +211,83 @@ def loss_fn(params, x, y):
     """Mean softmax cross-entropy over the batch (candle_nn::loss::cross_entropy)."""
     logp = jax.nn.log_softmax(forward(params, x), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+# --- the CNN: larslab's Model with convolutions, channels-last (NHWC, kernels HWIO) ---
+
+
+def cnn_init(case, seed=0):
+    """Parameters in larslab's order (conv1.weight, conv1.bias, bn1.weight,
+    bn1.bias, conv2..., fc1.weight, ...) and BatchNorm's running statistics."""
+    side, convs, hidden, classes, _ = CNN_CASES[case]
+    rng = np.random.default_rng(seed)
+    params, stats = [], []
+    channels = 1
+    for out, k in convs:
+        std = np.float32(np.sqrt(2.0 / (channels * k * k)))
+        params.append(rng.standard_normal((k, k, channels, out), dtype=np.float32) * std)
+        params += [np.zeros(out, np.float32), np.ones(out, np.float32), np.zeros(out, np.float32)]
+        stats += [np.zeros(out, np.float32), np.ones(out, np.float32)]
+        channels, side = out, side // 2
+    widths = [channels * side * side, *hidden, classes]
+    for fan_in, fan_out in zip(widths, widths[1:]):
+        std = np.float32(np.sqrt(2.0 / fan_in))
+        params.append(rng.standard_normal((fan_out, fan_in), dtype=np.float32) * std)
+        params.append(np.zeros(fan_out, np.float32))
+    return params, stats
+
+
+def cnn_forward(case, params, stats, x):
+    """Logits and the updated running statistics."""
+    side, convs, _, _, _ = CNN_CASES[case]
+    n = x.shape[0]
+    h = x.reshape(n, side, side, 1)
+    new_stats = []
+    for i in range(len(convs)):
+        w, b, gamma, beta = params[4 * i : 4 * i + 4]
+        z = jax.lax.conv_general_dilated(
+            h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ) + b
+        mean = jnp.mean(z, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(z - mean), axis=(0, 1, 2))
+        z = gamma * ((z - mean) * jax.lax.rsqrt(var + BN_EPS)) + beta
+        m = z.shape[0] * z.shape[1] * z.shape[2]
+        running_mean, running_var = stats[2 * i], stats[2 * i + 1]
+        new_stats.append(jax.lax.stop_gradient((1 - BN_MOMENTUM) * running_mean + BN_MOMENTUM * mean))
+        new_stats.append(
+            jax.lax.stop_gradient((1 - BN_MOMENTUM) * running_var + BN_MOMENTUM * var * m / (m - 1))
+        )
+        h = jax.nn.relu(z)
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    h = jnp.transpose(h, (0, 3, 1, 2)).reshape(n, -1)
+    return forward(params[4 * len(convs) :], h), new_stats
+
+
+def cnn_loss_fn(case):
+    def loss(params, stats, x, y):
+        logits, new_stats = cnn_forward(case, params, stats, x)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), new_stats
+
+    return loss
+
+
+def step_flops(case):
+    """larslab's Model::step_flops per sample: 2 FLOPs per multiply-add, for
+    the forward product, dW, and the input's gradient of all but the first layer."""
+    layers = []
+    if case in CNN_CASES:
+        side, convs, hidden, classes, _ = CNN_CASES[case]
+        channels = 1
+        for out, k in convs:
+            layers.append(side * side * k * k * channels * out)
+            channels, side = out, side // 2
+        widths = [channels * side * side, *hidden, classes]
+    else:
+        inputs, hidden, classes, _ = CASES[case]
+        widths = [inputs, *hidden, classes]
+    layers += [a * b for a, b in zip(widths, widths[1:])]
+    return 2 * (3 * sum(layers) - layers[0])
 
 
 # --- the optimizers, written out (no optax), one tensor at a time like src/optim ---
@@ -253,20 +349,27 @@ def lars_update(
 UPDATES = {"sgd": sgd_update, "lars": lars_update}
 
 
-def make_step(optimizer, lr=LR, **hyper):
-    """One whole training step, jit-compiled, parameters and momentum donated.
+def make_step(optimizer, case=None, lr=LR, **hyper):
+    """One whole training step, jit-compiled, parameters, momentum and
+    BatchNorm's running statistics (`stats`, empty for an MLP) donated.
 
     (larslab also skips the update when the loss is not finite; with this
     fixed batch and rate the loss stays finite, so that branch is left out.)
     """
     update = UPDATES[optimizer]
+    if case in CNN_CASES:
+        loss_and_stats = cnn_loss_fn(case)
+    else:
 
-    def step(params, velocity, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        def loss_and_stats(params, stats, x, y):
+            return loss_fn(params, x, y), stats
+
+    def step(params, velocity, stats, x, y):
+        (loss, stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params, stats, x, y)
         params, velocity = update(params, grads, velocity, lr, **hyper)
-        return params, velocity, loss
+        return params, velocity, stats, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 # --- timing, as src/bench.rs ---
@@ -277,22 +380,28 @@ class Setup:
 
     def __init__(self, case, optimizer, x, y):
         self.optimizer = optimizer
-        host_params = init_params(case)
+        if case in CNN_CASES:
+            host_params, host_stats = cnn_init(case)
+        else:
+            host_params, host_stats = init_params(case), []
         self.parameters = sum(p.size for p in host_params)
         self.params = [jnp.asarray(p) for p in host_params]
+        self.stats = [jnp.asarray(s) for s in host_stats]
         self.velocity = [jnp.zeros_like(p) for p in self.params]
         self.x, self.y = x, y
         # Compile ahead, so that compilation is never timed (not even with --warmup 0).
-        self.step = make_step(optimizer).lower(self.params, self.velocity, x, y).compile()
+        self.step = (
+            make_step(optimizer, case).lower(self.params, self.velocity, self.stats, x, y).compile()
+        )
         self.loss = None
         self.rates = []
 
     def steps(self, n):
         for _ in range(n):
-            self.params, self.velocity, self.loss = self.step(
-                self.params, self.velocity, self.x, self.y
+            self.params, self.velocity, self.stats, self.loss = self.step(
+                self.params, self.velocity, self.stats, self.x, self.y
             )
-        jax.block_until_ready((self.params, self.velocity, self.loss))
+        jax.block_until_ready((self.params, self.velocity, self.stats, self.loss))
 
 
 def run(case, args):
@@ -307,7 +416,7 @@ def run(case, args):
             start = time.perf_counter()
             setup.steps(args.steps)
             setup.rates.append(args.steps / (time.perf_counter() - start))
-    batch = CASES[case][3]
+    batch = CNN_CASES[case][4] if case in CNN_CASES else CASES[case][3]
     results = []
     for setup in setups:
         steps_per_sec = statistics.median(setup.rates)
@@ -320,7 +429,7 @@ def run(case, args):
                 "parameters": setup.parameters,
                 "steps_per_sec": steps_per_sec,
                 "ms_per_step": 1000.0 / steps_per_sec,
-                "gflops": 6.0 * setup.parameters * batch * steps_per_sec / 1e9,
+                "gflops": step_flops(case) * batch * steps_per_sec / 1e9,
                 "repeats": args.repeats,
                 "steps_per_repeat": args.steps,
                 "threads": args.threads,
@@ -440,14 +549,14 @@ def check():
             velocity = [np.zeros_like(p) for p in params]
             ref_p, ref_v = params, velocity
             kwargs = hyper if optimizer == "lars" else dict(momentum=hyper["momentum"], weight_decay=hyper["weight_decay"])
-            step = make_step(optimizer, LR, **kwargs)
+            step = make_step(optimizer, lr=LR, **kwargs)
             jp = [jnp.array(p) for p in params]
             jv = [jnp.array(v) for v in velocity]
             jx, jy = jnp.asarray(x), jnp.asarray(y)
             worst_p = worst_v = worst_l = 0.0
             trusts = None
             for _ in range(3):
-                jp, jv, jloss = step(jp, jv, jx, jy)
+                jp, jv, _, jloss = step(jp, jv, [], jx, jy)
                 ref_p, ref_v, ref_loss, trusts = numpy_step(optimizer, ref_p, ref_v, x, y, LR, **hyper)
                 # The momentum buffers are the steps (lars: w <- w - v; sgd:
                 # w <- w - lr*v), so they are compared at full relative
@@ -509,7 +618,7 @@ def main(argv=None):
             file=sys.stderr,
         )
     results = []
-    for case in [args.case] if args.case else list(CASES):
+    for case in [args.case] if args.case else [*CASES, *CNN_CASES]:
         if args.format == "table":
             print(f"timing {case} ...", file=sys.stderr)
         results.extend(run(case, args))

@@ -3,10 +3,12 @@
 //! Each case times [`Trainer::train_step`], the very step `larslab train`
 //! runs (next batch, forward and backward, the divergence detector, the
 //! optimizer, the measurements), on one full batch of generated digits: a
-//! warm-up, then the median over several repeats of a block of steps. Achieved GFLOP/s counts
-//! 6 × multiply-adds × batch per step (forward 2 FLOPs, backward 4 per
-//! multiply-add and sample): 6 × parameters × batch for dense layers, the
-//! usual estimate; a kernel's weights count once per output position.
+//! warm-up, then the median over several repeats of a block of steps.
+//! Achieved GFLOP/s counts [`crate::model::Model::step_flops`] × batch per
+//! step, per layer from its shapes: a dense layer's multiply-adds are its
+//! weights, a convolution's are output positions × kernel volume × input
+//! channels × output channels; each counts 2 FLOPs forward, 2 for ∂W and 2
+//! for the δ of its input, which the first layer does not compute.
 
 use std::time::Instant;
 
@@ -251,8 +253,7 @@ pub fn run(
         .map(|mut setup| {
             let steps_per_sec = median(&mut setup.rates);
             let parameters = setup.trainer.parameters();
-            let flops_per_step =
-                6.0 * setup.trainer.model().multiply_adds() as f64 * case.batch as f64;
+            let flops_per_step = setup.trainer.model().step_flops() as f64 * case.batch as f64;
             Result {
                 case: case.name.into(),
                 optimizer: format!("{:?}", setup.kind).to_lowercase(),

@@ -57,6 +57,7 @@ pub struct Model {
     dropout: f32,
     description: String,
     multiply_adds: usize,
+    step_flops: usize,
 }
 
 /// What a tensor is, which decides how it is drawn.
@@ -99,6 +100,8 @@ struct Architecture {
     description: String,
     /// Multiply-adds of one sample's forward pass through the weighted layers.
     multiply_adds: usize,
+    /// See [`Model::step_flops`].
+    step_flops: usize,
 }
 
 /// The model of `config` for samples of `sample_shape`. Sizes that do not
@@ -112,6 +115,7 @@ fn architecture(
 ) -> Result<Architecture, UserError> {
     let mut specs = Vec::new();
     let mut multiply_adds = 0;
+    let mut first_layer = None;
     let (image, features, description) = match config.kind {
         ModelKind::Mlp => (
             None,
@@ -173,7 +177,9 @@ fn architecture(
                         Role::RunningVar,
                     ));
                 }
-                multiply_adds += out * channels * kernel * kernel * convolved(h) * convolved(w);
+                let layer = out * channels * kernel * kernel * convolved(h) * convolved(w);
+                first_layer.get_or_insert(layer);
+                multiply_adds += layer;
                 (channels, h, w) = (out, side(h), side(w));
                 layers.push(format!("{out}k{kernel}"));
             }
@@ -202,6 +208,7 @@ fn architecture(
     }
     for (i, w) in widths.windows(2).enumerate() {
         let (fan_in, fan_out) = (w[0], w[1]);
+        first_layer.get_or_insert(fan_in * fan_out);
         multiply_adds += fan_in * fan_out;
         specs.push(Spec::new(
             format!("fc{}.weight", i + 1),
@@ -219,6 +226,7 @@ fn architecture(
         image,
         description: format!("{description} {widths:?}"),
         multiply_adds,
+        step_flops: 2 * (3 * multiply_adds - first_layer.unwrap_or(0)),
     })
 }
 
@@ -246,6 +254,7 @@ impl Model {
             image,
             description,
             multiply_adds,
+            step_flops,
         } = architecture(config, sample_shape, classes)?;
         let values = match &config.init_from {
             Some(path) => read_init_file(path, &specs, device)?,
@@ -319,6 +328,7 @@ impl Model {
             dropout: config.dropout as f32,
             description,
             multiply_adds,
+            step_flops,
         })
     }
 
@@ -377,6 +387,14 @@ impl Model {
     /// (a dense layer's weights once, a kernel's once per output position).
     pub fn multiply_adds(&self) -> usize {
         self.multiply_adds
+    }
+
+    /// FLOPs of one sample's training step through the weighted layers, 2
+    /// per multiply-add, counted per layer from its shapes: the forward
+    /// product, ∂W, and δ of the layer's input for every layer but the first,
+    /// whose input is the data and whose δ no path computes.
+    pub fn step_flops(&self) -> usize {
+        self.step_flops
     }
 
     /// One line for the console: kind, shapes, widths.
@@ -878,6 +896,30 @@ mod cnn_tests {
                 assert!(off.to_scalar::<f32>().unwrap() < 1e-5);
             }
         }
+    }
+
+    /// The bench's LeNet-style CNN on 28×28: conv1 16@5×5 'same' has 784
+    /// positions × 25 × 1 × 16 multiply-adds, conv2 32@5×5 on 14×14 has
+    /// 196 × 25 × 16 × 32, the head 1568·128 + 128·10; all three products
+    /// but conv1's δx, 2 FLOPs each: 17.5 MFLOP per sample.
+    #[test]
+    fn step_flops_count_convolutions_by_output_positions() {
+        let mut config = cnn(vec![[16, 5], [32, 5]], true);
+        config.hidden = vec![128];
+        let m = Model::new(&config, &[28, 28], 10, 0, &Device::Cpu).unwrap();
+        let (conv1, conv2, head) = (784 * 25 * 16, 196 * 25 * 16 * 32, 1568 * 128 + 1280);
+        assert_eq!(m.multiply_adds(), conv1 + conv2 + head);
+        assert_eq!(m.step_flops(), 2 * (2 * conv1 + 3 * (conv2 + head)));
+        assert_eq!(m.step_flops(), 17_519_104);
+        let mlp = Model::new(&ModelConfig::default(), &[784], 10, 0, &Device::Cpu).unwrap();
+        let widths: Vec<usize> = [784]
+            .into_iter()
+            .chain(ModelConfig::default().hidden)
+            .chain([10])
+            .collect();
+        let layers: Vec<usize> = widths.windows(2).map(|w| w[0] * w[1]).collect();
+        let all: usize = layers.iter().sum();
+        assert_eq!(mlp.step_flops(), 2 * (3 * all - layers[0]));
     }
 
     #[test]
