@@ -150,8 +150,8 @@ fn copy(to: &mut [f32], from: &[f32]) {
         t.copy_from_slice(f);
     }
     for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
-        // A volatile-free way to keep the loop a loop: `memcpy` for a handful
-        // of values costs more than the copy.
+        // `black_box` keeps the compiler from making this loop a call to
+        // `memcpy`, which costs more than the few values it copies.
         *t = std::hint::black_box(*f);
     }
 }

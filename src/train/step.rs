@@ -38,9 +38,9 @@ pub struct Gradients {
 
 /// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
 /// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
-/// An MLP's backward pass is written out: on the CPU as fused passes
-/// ([`crate::model::fused`]), elsewhere in candle operations
-/// ([`crate::model::backward`]). A CNN's goes through candle's autograd.
+/// On the CPU the backward pass is written out as fused passes, an MLP's
+/// and a CNN's ([`crate::model::fused`]). Elsewhere an MLP's runs in candle
+/// operations ([`crate::model::backward`]) and a CNN's through candle's autograd.
 pub fn forward_backward(
     model: &Model,
     (x, y): (&Tensor, &Tensor),

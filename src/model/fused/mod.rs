@@ -1,5 +1,7 @@
-//! An MLP's forward and backward pass on the CPU as a few fused passes over
-//! f32 buffers, instead of one candle operation per step of the formula.
+//! A model's forward and backward pass on the CPU as a few fused passes
+//! over f32 buffers, instead of one candle operation per step of the
+//! formula: the dense layers here, a CNN's convolution blocks before them in
+//! [`conv`].
 //!
 //! Candle runs each operation (matrix product, bias, activation, mask,
 //! derivative, …) as a pass of its own that allocates its result: a
@@ -16,8 +18,9 @@
 //! - ∂L/∂W_i = δ_iᵀ·x_i, ∂L/∂b_i = Σ_rows δ_i
 //! - δ_{i−1} = (δ_i·W_i) ⊙ mask_{i−1} ⊙ φ'(z_{i−1})
 //!
-//! Tested against that module and against candle's autograd
-//! (tests/explicit_backward.rs).
+//! Behind convolution blocks, the first dense layer also gives δ of its
+//! input, δ_1·W_1, to the blocks ([`Below::Input`]). Tested against that
+//! module and against candle's autograd (tests/explicit_backward.rs).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
