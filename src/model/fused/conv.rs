@@ -22,10 +22,9 @@
 //! (the path on other devices), against which tests/explicit_backward.rs
 //! checks every gradient.
 
-use std::cell::RefCell;
-
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::super::activation::Pointwise;
 use super::super::{BatchNorm, ForwardTrace, Model};
@@ -33,9 +32,11 @@ use crate::config::Pool;
 use crate::ops::sgemm::{Order, product};
 use crate::ops::{F32View, Patches, sum_of_squares, wide};
 
-/// Patch rows per task: a conv2 task of 7 images (1,372 rows of 400
-/// values) keeps its patches, 2.2 MB, in L2 between im2col and the product.
-const TASK_ROWS: usize = 1536;
+/// Patch rows per task: a conv2 task of 2 images (392 rows of 400 values)
+/// keeps its patches (0.6 MB) and the product's packed copy of them in L2
+/// (2 MiB a core on the reference machine). Tasks of 1,372 rows, whose
+/// patches alone filled L2, ran the CNN step 1.2× slower.
+const TASK_ROWS: usize = 512;
 
 thread_local! {
     /// Each thread's patches and their gradient, kept between steps.
@@ -170,13 +171,16 @@ impl<'a> HostBlock<'a> {
         let (images, c, row_len) = (self.task_images(), self.c_out, self.patches.row_len());
         let task_conv = images * self.conv_len();
         let mut conv = vec![0f32; n * self.conv_len()];
-        let sums: Vec<Vec<(f64, f64)>> = conv
+        let sums: Vec<Vec<f64>> = conv
             .par_chunks_mut(task_conv)
             .zip(x.par_chunks(images * self.patches.image_len()))
             .map(|(u, x)| {
                 let rows = u.len() / c;
                 with_scratch((rows * row_len, 0), |patches, _| {
-                    wide(|| self.patches.write(x, patches));
+                    wide(
+                        #[inline(always)]
+                        || self.patches.write(x, patches),
+                    );
                     product(
                         (rows, c, row_len),
                         u,
@@ -187,15 +191,19 @@ impl<'a> HostBlock<'a> {
                 wide(
                     #[inline(always)]
                     || {
-                        for row in u.chunks_exact_mut(c) {
-                            for (u, b) in row.iter_mut().zip(self.bias.iter()) {
-                                *u += b;
+                        for_channel_count!(c, |C| {
+                            let c = channels::<C>(c);
+                            let bias = &self.bias[..c];
+                            for row in u.chunks_exact_mut(c) {
+                                for (u, b) in row[..c].iter_mut().zip(bias) {
+                                    *u += b;
+                                }
                             }
-                        }
-                        match self.norm {
-                            Some(_) => channel_sums(u, c),
-                            None => Vec::new(),
-                        }
+                            match self.norm {
+                                Some(_) => channel_sums(u, c, true),
+                                None => Vec::new(),
+                            }
+                        })
                     },
                 )
             })
@@ -222,21 +230,32 @@ impl<'a> HostBlock<'a> {
             .zip(optional_chunks(zs, task_conv, tasks))
             .zip(optional_chunks(hs, task_conv, tasks))
             .for_each(|(((y, u), zs), hs)| {
-                wide(
-                    #[inline(always)]
-                    || {
-                        let mut window = Window::new(c);
-                        for (y, u) in y
-                            .chunks_exact_mut(self.output_len())
-                            .zip(u.chunks_exact(self.conv_len()))
-                        {
-                            self.pool_image(phi, affine, u, y, &mut window);
-                        }
-                        if let (Some(zs), Some(hs)) = (zs, hs) {
-                            activate(phi, affine, u, zs, hs);
-                        }
-                    },
-                )
+                {
+                    wide(
+                        #[inline(always)]
+                        || {
+                            let mut gathered = vec![0f32; c];
+                            for (y, u) in y
+                                .chunks_exact_mut(self.output_len())
+                                .zip(u.chunks_exact(self.conv_len()))
+                            {
+                                for_channel_count!(c, |C| match affine {
+                                    Some(a) =>
+                                        self.pool_image::<C, _, _>((phi, a), u, y, &mut gathered),
+                                    None => self.pool_image::<C, _, _>(
+                                        (phi, Unnormalised),
+                                        u,
+                                        y,
+                                        &mut gathered
+                                    ),
+                                })
+                            }
+                            if let (Some(zs), Some(hs)) = (zs, hs) {
+                                activate(phi, affine, u, zs, hs);
+                            }
+                        },
+                    )
+                }
             });
         Ok(BlockForward {
             conv,
@@ -264,28 +283,44 @@ impl<'a> HostBlock<'a> {
         let task_conv = images * self.conv_len();
         let affine = self.affine(forward.norm.as_ref());
         let mut dz = vec![0f32; n * self.conv_len()];
-        let sums: Vec<Vec<(f64, f64)>> = dz
+        let sums: Vec<Vec<f64>> = dz
             .par_chunks_mut(task_conv)
             .zip(forward.conv.par_chunks(task_conv))
             .zip(dy.par_chunks(images * self.output_len()))
             .map(|((dz, u), dy)| {
-                wide(
-                    #[inline(always)]
-                    || {
-                        let mut window = Window::new(c);
-                        for ((dz, u), dy) in dz
-                            .chunks_exact_mut(self.conv_len())
-                            .zip(u.chunks_exact(self.conv_len()))
-                            .zip(dy.chunks_exact(self.output_len()))
-                        {
-                            self.unpool_image(phi, affine, (u, dy), dz, &mut window);
-                        }
-                        match affine {
-                            Some(a) => normalised_sums(dz, u, a),
-                            None => Vec::new(),
-                        }
-                    },
-                )
+                {
+                    wide(
+                        #[inline(always)]
+                        || {
+                            let mut gathered = vec![0f32; c];
+                            for ((dz, u), dy) in dz
+                                .chunks_exact_mut(self.conv_len())
+                                .zip(u.chunks_exact(self.conv_len()))
+                                .zip(dy.chunks_exact(self.output_len()))
+                            {
+                                let image = (u, dy);
+                                for_channel_count!(c, |C| match affine {
+                                    Some(a) => self.unpool_image::<C, _, _>(
+                                        (phi, a),
+                                        image,
+                                        dz,
+                                        &mut gathered
+                                    ),
+                                    None => self.unpool_image::<C, _, _>(
+                                        (phi, Unnormalised),
+                                        image,
+                                        dz,
+                                        &mut gathered
+                                    ),
+                                })
+                            }
+                            match affine {
+                                Some(a) => normalised_sums(dz, u, a),
+                                None => Vec::new(),
+                            }
+                        },
+                    )
+                }
             })
             .collect();
         let preact_grad = trace
@@ -296,9 +331,11 @@ impl<'a> HostBlock<'a> {
             .transpose()?;
 
         // ∂β = Σ δz and ∂γ = Σ δz·ẑ over the batch; then δu in place of δz.
-        let totals = add_in_order(&sums, c);
-        let (dbeta, dgamma): (Vec<f32>, Vec<f32>) =
-            totals.iter().map(|&(b, g)| (b as f32, g as f32)).unzip();
+        let totals: Vec<f32> = add_in_order(&sums, 2 * c)
+            .iter()
+            .map(|&s| s as f32)
+            .collect();
+        let (dbeta, dgamma) = totals.split_at(c);
         let m = (n * self.patches.rows_per_image()) as f32;
         let mut dx = input_grad.then(|| vec![0f32; n * self.patches.image_len()]);
         let partials: Vec<(Vec<f32>, Vec<f64>)> = dz
@@ -314,17 +351,20 @@ impl<'a> HostBlock<'a> {
                 let bias = wide(
                     #[inline(always)]
                     || {
-                        if let Some(a) = affine {
-                            through_batch_norm(du, u, a, (&dbeta, &dgamma), m);
-                        }
-                        channel_sums(du, c).into_iter().map(|(s, _)| s).collect()
+                        for_channel_count!(c, |C| match affine {
+                            Some(a) => through_batch_norm::<C>(du, u, a, (dbeta, dgamma), m),
+                            None => channel_sums(du, c, false),
+                        })
                     },
                 );
                 let rows = du.len() / c;
                 let mut kernel = vec![0f32; c * row_len];
                 let grads_len = if dx.is_some() { rows * row_len } else { 0 };
                 with_scratch((rows * row_len, grads_len), |patches, patch_grads| {
-                    wide(|| self.patches.write(x, patches));
+                    wide(
+                        #[inline(always)]
+                        || self.patches.write(x, patches),
+                    );
                     product(
                         (c, row_len, rows),
                         &mut kernel,
@@ -338,7 +378,10 @@ impl<'a> HostBlock<'a> {
                             (du, Order::RowMajor),
                             (&self.kernel, Order::RowMajor),
                         );
-                        wide(|| self.patches.add_back(patch_grads, dx));
+                        wide(
+                            #[inline(always)]
+                            || self.patches.add_back(patch_grads, dx),
+                        );
                     }
                 });
                 (kernel, bias)
@@ -369,8 +412,8 @@ impl<'a> HostBlock<'a> {
             (Tensor::from_slice(&bias, c, device)?, norm_of(&bias)),
         ];
         if self.norm.is_some() {
-            grads.push((Tensor::from_slice(&dgamma, c, device)?, norm_of(&dgamma)));
-            grads.push((Tensor::from_slice(&dbeta, c, device)?, norm_of(&dbeta)));
+            grads.push((Tensor::from_slice(dgamma, c, device)?, norm_of(dgamma)));
+            grads.push((Tensor::from_slice(dbeta, c, device)?, norm_of(dbeta)));
         }
         Ok(BlockGradients {
             grads,
@@ -384,14 +427,17 @@ impl<'a> HostBlock<'a> {
     fn batch_statistics(
         &self,
         norm: &HostNorm,
-        sums: &[Vec<(f64, f64)>],
+        sums: &[Vec<f64>],
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let count = n * self.patches.rows_per_image();
         let m = count as f64;
-        let (mean, var): (Vec<f64>, Vec<f64>) = add_in_order(sums, self.c_out)
+        let totals = add_in_order(sums, 2 * self.c_out);
+        let (first, second) = totals.split_at(self.c_out);
+        let (mean, var): (Vec<f64>, Vec<f64>) = first
             .iter()
-            .map(|&(s, sq)| {
+            .zip(second)
+            .map(|(&s, &sq)| {
                 let mean = s / m;
                 (mean, (sq / m - mean * mean).max(0.0))
             })
@@ -439,7 +485,8 @@ impl<'a> HostBlock<'a> {
         }
     }
 
-    /// u of the pixels of the window at `pixel`, in [`Window`]'s order.
+    /// u of the pixels of the window at `pixel`: (2y, 2x), (2y, 2x + 1),
+    /// (2y + 1, 2x), (2y + 1, 2x + 1); one pixel without pooling.
     #[inline(always)]
     fn corners<'u>(&self, u: &'u [f32], pixel: usize) -> [&'u [f32]; 4] {
         let (c, w) = (self.c_out, self.patches.w_out);
@@ -450,25 +497,25 @@ impl<'a> HostBlock<'a> {
         }
     }
 
-    /// y = pool(φ(z)) of one image from its u.
+    /// y = pool(φ(z)) of one image from its u; `gathered` holds one
+    /// window's channels where they are not adjacent in y.
     #[inline(always)]
-    fn pool_image<A: Pointwise>(
+    fn pool_image<const C: usize, A: Pointwise, N: ToZ>(
         &self,
-        phi: A,
-        affine: Option<Affine>,
+        (phi, norm): (A, N),
         u: &[f32],
         y: &mut [f32],
-        window: &mut Window,
+        gathered: &mut [f32],
     ) {
-        let c = self.c_out;
+        let c = channels::<C>(self.c_out);
         let channel_stride = self.strides[2];
         self.windows(|pixel, at| {
             let corners = self.corners(u, pixel);
-            let pooled = window.pool(phi, affine, self.pool, corners);
             if channel_stride == 1 {
-                y[at..at + c].copy_from_slice(pooled);
+                pool_window::<C, _, _>((phi, norm), self.pool, corners, &mut y[at..at + c]);
             } else {
-                for (ch, v) in pooled.iter().enumerate() {
+                pool_window::<C, _, _>((phi, norm), self.pool, corners, gathered);
+                for (ch, v) in gathered.iter().enumerate() {
                     y[at + ch * channel_stride] = *v;
                 }
             }
@@ -477,42 +524,102 @@ impl<'a> HostBlock<'a> {
 
     /// δz of one image from δy: a max window's gradient to its first
     /// maximum, an average's spread evenly, times φ'(z); zero on the pixels
-    /// that no window covers.
+    /// that no window covers. `gathered` holds one window's δy where its
+    /// channels are not adjacent.
     #[inline(always)]
-    fn unpool_image<A: Pointwise>(
+    fn unpool_image<const C: usize, A: Pointwise, N: ToZ>(
         &self,
-        phi: A,
-        affine: Option<Affine>,
+        (phi, norm): (A, N),
         (u, dy): (&[f32], &[f32]),
         dz: &mut [f32],
-        window: &mut Window,
+        gathered: &mut [f32],
     ) {
-        let (c, w) = (self.c_out, self.patches.w_out);
+        let (c, w) = (channels::<C>(self.c_out), self.patches.w_out);
         let channel_stride = self.strides[2];
         let p = &self.patches;
         if self.pool != Pool::None && (p.h_out % 2 == 1 || p.w_out % 2 == 1) {
             dz.fill(0.0);
         }
         self.windows(|pixel, at| {
-            let g = &mut window.g;
-            if channel_stride == 1 {
-                g.copy_from_slice(&dy[at..at + c]);
+            let g = if channel_stride == 1 {
+                &dy[at..at + c]
             } else {
-                for (ch, g) in g.iter_mut().enumerate() {
+                for (ch, g) in gathered.iter_mut().enumerate() {
                     *g = dy[at + ch * channel_stride];
                 }
-            }
+                &*gathered
+            };
             let corners = self.corners(u, pixel);
-            let grads = window.unpool(phi, affine, self.pool, corners);
-            match self.pool {
-                Pool::None => dz[pixel * c..(pixel + 1) * c].copy_from_slice(&grads[..c]),
-                _ => {
-                    let (top, bottom) = grads.split_at(2 * c);
-                    dz[pixel * c..(pixel + 2) * c].copy_from_slice(top);
-                    dz[(pixel + w) * c..(pixel + w + 2) * c].copy_from_slice(bottom);
-                }
-            }
+            let pixels = if self.pool == Pool::None {
+                [
+                    &mut dz[pixel * c..(pixel + 1) * c],
+                    &mut [],
+                    &mut [],
+                    &mut [],
+                ]
+            } else {
+                let (top, bottom) = dz.split_at_mut((pixel + w) * c);
+                let (d0, d1) = top[pixel * c..(pixel + 2) * c].split_at_mut(c);
+                let (d2, d3) = bottom[..2 * c].split_at_mut(c);
+                [d0, d1, d2, d3]
+            };
+            unpool_window::<C, _, _>((phi, norm), self.pool, corners, g, pixels);
         });
+    }
+}
+
+/// Runs `$body` with a constant `$C`: the channel count `$c` where it is
+/// 16 or 32, 0 otherwise. The per-channel loops below take their length
+/// from [`channels`], so that for those counts they compile to whole
+/// vectors, without the remainder loop that a length known only at run
+/// time leaves (and that runs alone where the length is under the vector
+/// loop's step).
+macro_rules! for_channel_count {
+    ($c:expr, |$C:ident| $body:expr) => {
+        match $c {
+            16 => {
+                const $C: usize = 16;
+                $body
+            }
+            32 => {
+                const $C: usize = 32;
+                $body
+            }
+            _ => {
+                const $C: usize = 0;
+                $body
+            }
+        }
+    };
+}
+use for_channel_count;
+
+/// The channel count: `C` where it is not 0, else `c`, read at run time.
+#[inline(always)]
+const fn channels<const C: usize>(c: usize) -> usize {
+    if C == 0 { c } else { C }
+}
+
+/// z of channel `j` from its u: BatchNorm's map, or u itself.
+trait ToZ: Copy {
+    /// The same map, its per-channel values cut to the first `c` channels,
+    /// so that the window loops below index them without bounds checks.
+    fn channels(self, c: usize) -> Self;
+    fn z(&self, j: usize, u: f32) -> f32;
+}
+
+/// z = u, without BatchNorm.
+#[derive(Clone, Copy)]
+struct Unnormalised;
+
+impl ToZ for Unnormalised {
+    #[inline(always)]
+    fn channels(self, _: usize) -> Self {
+        self
+    }
+    #[inline(always)]
+    fn z(&self, _: usize, u: f32) -> f32 {
+        u
     }
 }
 
@@ -526,6 +633,22 @@ struct Affine<'s> {
     beta: &'s [f32],
 }
 
+impl ToZ for Affine<'_> {
+    #[inline(always)]
+    fn channels(self, c: usize) -> Self {
+        Self {
+            mean: &self.mean[..c],
+            inv: &self.inv[..c],
+            gamma: &self.gamma[..c],
+            beta: &self.beta[..c],
+        }
+    }
+    #[inline(always)]
+    fn z(&self, j: usize, u: f32) -> f32 {
+        self.gamma[j] * ((u - self.mean[j]) * self.inv[j]) + self.beta[j]
+    }
+}
+
 /// z (u, or BatchNorm's map of it) and h = φ(z) of the pixels of `u`.
 #[inline(always)]
 fn activate<A: Pointwise>(phi: A, affine: Option<Affine>, u: &[f32], z: &mut [f32], h: &mut [f32]) {
@@ -537,15 +660,8 @@ fn activate<A: Pointwise>(phi: A, affine: Option<Affine>, u: &[f32], z: &mut [f3
                 .zip(h.chunks_exact_mut(c))
                 .zip(u.chunks_exact(c))
             {
-                for (((((z, h), u), mu), inv), (g, b)) in z
-                    .iter_mut()
-                    .zip(h.iter_mut())
-                    .zip(u)
-                    .zip(a.mean)
-                    .zip(a.inv)
-                    .zip(a.gamma.iter().zip(a.beta))
-                {
-                    *z = g * ((u - mu) * inv) + b;
+                for (j, ((z, h), &u)) in z.iter_mut().zip(h.iter_mut()).zip(u).enumerate() {
+                    *z = a.z(j, u);
                     *h = phi.value(*z);
                 }
             }
@@ -559,190 +675,212 @@ fn activate<A: Pointwise>(phi: A, affine: Option<Affine>, u: &[f32], z: &mut [f3
     }
 }
 
-/// One pooling window's values per channel, in the order of its pixels:
-/// (2y, 2x), (2y, 2x + 1), (2y + 1, 2x), (2y + 1, 2x + 1); one pixel
-/// without pooling. The buffers of one task, reused window after window.
-struct Window {
-    z: Vec<f32>,
-    h: Vec<f32>,
-    /// δy of the window's channels.
-    g: Vec<f32>,
-    /// The window's pooled values, or its pixels' δz.
-    out: Vec<f32>,
-}
-
-impl Window {
-    fn new(c: usize) -> Self {
-        Self {
-            z: vec![0.0; 4 * c],
-            h: vec![0.0; 4 * c],
-            g: vec![0.0; c],
-            out: vec![0.0; 4 * c],
-        }
-    }
-
-    /// z and h of the window's pixels.
-    #[inline(always)]
-    fn activate<A: Pointwise>(&mut self, phi: A, affine: Option<Affine>, corners: [&[f32]; 4]) {
-        let c = self.g.len();
-        for (q, u) in corners.into_iter().enumerate() {
-            if !u.is_empty() {
-                let span = q * c..(q + 1) * c;
-                activate(phi, affine, u, &mut self.z[span.clone()], &mut self.h[span]);
-            }
-        }
-    }
-
-    /// pool(φ(z)) per channel: the first maximum, or the mean, of the four.
-    #[inline(always)]
-    fn pool<A: Pointwise>(
-        &mut self,
-        phi: A,
-        affine: Option<Affine>,
-        pool: Pool,
-        corners: [&[f32]; 4],
-    ) -> &[f32] {
-        self.activate(phi, affine, corners);
-        let c = self.g.len();
-        let (h, out) = (&self.h, &mut self.out[..c]);
-        let [h0, h1, h2, h3] = [0, 1, 2, 3].map(|q| &h[q * c..(q + 1) * c]);
-        match pool {
-            Pool::None => out.copy_from_slice(h0),
-            Pool::Max => {
-                for ((((out, &a), &b), &c), &d) in out.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
-                    *out = first_max([a, b, c, d]).1;
-                }
-            }
-            Pool::Avg => {
-                for ((((out, &a), &b), &c), &d) in out.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
-                    *out = (a + b + c + d) / 4.0;
-                }
-            }
-        }
-        out
-    }
-
-    /// δz of the window's pixels from δy (in `self.g`): all of it to the
-    /// first maximum, or a quarter to each, times φ'(z).
-    #[inline(always)]
-    fn unpool<A: Pointwise>(
-        &mut self,
-        phi: A,
-        affine: Option<Affine>,
-        pool: Pool,
-        corners: [&[f32]; 4],
-    ) -> &[f32] {
-        self.activate(phi, affine, corners);
-        let c = self.g.len();
-        let (z, h, g) = (&self.z, &self.h, &self.g);
-        let [z0, z1, z2, z3] = [0, 1, 2, 3].map(|q| &z[q * c..(q + 1) * c]);
-        let [h0, h1, h2, h3] = [0, 1, 2, 3].map(|q| &h[q * c..(q + 1) * c]);
-        let (d0, rest) = self.out.split_at_mut(c);
-        let (d1, rest) = rest.split_at_mut(c);
-        let (d2, d3) = rest.split_at_mut(c);
-        match pool {
-            Pool::None => {
-                for (((d, &g), &z), &h) in d0.iter_mut().zip(g).zip(z0).zip(h0) {
-                    *d = g * phi.slope(z, h);
-                }
-                return &self.out[..c];
-            }
-            Pool::Max => {
-                for ch in 0..c {
-                    let best = first_max([h0[ch], h1[ch], h2[ch], h3[ch]]).0;
-                    let share = |q: usize| if best == q { g[ch] } else { 0.0 };
-                    d0[ch] = share(0) * phi.slope(z0[ch], h0[ch]);
-                    d1[ch] = share(1) * phi.slope(z1[ch], h1[ch]);
-                    d2[ch] = share(2) * phi.slope(z2[ch], h2[ch]);
-                    d3[ch] = share(3) * phi.slope(z3[ch], h3[ch]);
-                }
-            }
-            Pool::Avg => {
-                for ch in 0..c {
-                    let share = g[ch] / 4.0;
-                    d0[ch] = share * phi.slope(z0[ch], h0[ch]);
-                    d1[ch] = share * phi.slope(z1[ch], h1[ch]);
-                    d2[ch] = share * phi.slope(z2[ch], h2[ch]);
-                    d3[ch] = share * phi.slope(z3[ch], h3[ch]);
-                }
-            }
-        }
-        &self.out
-    }
-}
-
-/// The index and value of the first maximum of a window, as
-/// [`crate::ops::Pool2`] picks it (a NaN is never picked over what came before).
+/// `out` = pool(φ(z)) of one window per channel: the first maximum, or
+/// the mean, of its pixels, whose u are `corners`.
+///
+/// This and [`unpool_window`] are written channel by channel without
+/// branches, so that the compiler turns each into vector operations.
 #[inline(always)]
-fn first_max(values: [f32; 4]) -> (usize, f32) {
-    let mut best = (0, values[0]);
-    for (q, &v) in values.iter().enumerate().skip(1) {
-        if v > best.1 {
-            best = (q, v);
+fn pool_window<const C: usize, A: Pointwise, N: ToZ>(
+    (phi, norm): (A, N),
+    pool: Pool,
+    corners: [&[f32]; 4],
+    out: &mut [f32],
+) {
+    let c = channels::<C>(out.len());
+    let norm = norm.channels(c);
+    if pool == Pool::None {
+        let u = &corners[0][..c];
+        for (j, out) in out.iter_mut().enumerate() {
+            *out = phi.value(norm.z(j, u[j]));
+        }
+        return;
+    }
+    let u = corners.map(|u| &u[..c]);
+    let h = |q: usize, j: usize| phi.value(norm.z(j, u[q][j]));
+    if pool == Pool::Max {
+        for (j, out) in out.iter_mut().enumerate() {
+            *out = maxima([h(0, j), h(1, j), h(2, j), h(3, j)])[3];
+        }
+    } else {
+        for (j, out) in out.iter_mut().enumerate() {
+            *out = (h(0, j) + h(1, j) + h(2, j) + h(3, j)) / 4.0;
         }
     }
-    best
+}
+
+/// The running maximum of a window's values in the order of its pixels:
+/// `[h0, max(h0, h1), …]`, each taken with `>` as [`crate::ops::Pool2`] does
+/// (the first maximum wins, and a NaN is never picked over what came before).
+#[inline(always)]
+fn maxima([h0, h1, h2, h3]: [f32; 4]) -> [f32; 4] {
+    let m1 = if h1 > h0 { h1 } else { h0 };
+    let m2 = if h2 > m1 { h2 } else { m1 };
+    let m3 = if h3 > m2 { h3 } else { m2 };
+    [h0, m1, m2, m3]
+}
+
+/// δz of one window's pixels (`d`, in the order of `corners`) from its
+/// δy per channel `g`: all of it to the first maximum, or a quarter to
+/// each, times φ'(z).
+#[inline(always)]
+fn unpool_window<const C: usize, A: Pointwise, N: ToZ>(
+    (phi, norm): (A, N),
+    pool: Pool,
+    corners: [&[f32]; 4],
+    g: &[f32],
+    [d0, d1, d2, d3]: [&mut [f32]; 4],
+) {
+    let c = channels::<C>(g.len());
+    let norm = norm.channels(c);
+    let g = &g[..c];
+    if pool == Pool::None {
+        let (u, d0) = (&corners[0][..c], &mut d0[..c]);
+        for (j, d) in d0.iter_mut().enumerate() {
+            let z = norm.z(j, u[j]);
+            *d = g[j] * phi.slope(z, phi.value(z));
+        }
+        return;
+    }
+    let u = corners.map(|u| &u[..c]);
+    let z = |q: usize, j: usize| norm.z(j, u[q][j]);
+    let (d0, d1, d2, d3) = (&mut d0[..c], &mut d1[..c], &mut d2[..c], &mut d3[..c]);
+    match pool {
+        Pool::None => unreachable!("handled above"),
+        Pool::Max => {
+            for j in 0..c {
+                let z = [z(0, j), z(1, j), z(2, j), z(3, j)];
+                let h = z.map(|z| phi.value(z));
+                let [_, m1, m2, _] = maxima(h);
+                // Where the first maximum is: the last pixel that beat the
+                // maximum of those before it.
+                let (s1, s2, s3) = (h[1] > h[0], h[2] > m1, h[3] > m2);
+                let share = |at: bool| if at { g[j] } else { 0.0 };
+                d0[j] = share(!(s1 || s2 || s3)) * phi.slope(z[0], h[0]);
+                d1[j] = share(s1 && !(s2 || s3)) * phi.slope(z[1], h[1]);
+                d2[j] = share(s2 && !s3) * phi.slope(z[2], h[2]);
+                d3[j] = share(s3) * phi.slope(z[3], h[3]);
+            }
+        }
+        Pool::Avg => {
+            for j in 0..c {
+                let share = g[j] / 4.0;
+                let slope = |q: usize| {
+                    let z = z(q, j);
+                    phi.slope(z, phi.value(z))
+                };
+                d0[j] = share * slope(0);
+                d1[j] = share * slope(1);
+                d2[j] = share * slope(2);
+                d3[j] = share * slope(3);
+            }
+        }
+    }
 }
 
 /// δz → δu in place: γ·inv/m · (m·δz − ∂β − ẑ·∂γ), as BatchNorm's backward
-/// in [`crate::ops`] has it.
+/// in [`crate::ops`] has it; returns Σδu per channel, for ∂b.
 #[inline(always)]
-fn through_batch_norm(
+fn through_batch_norm<const C: usize>(
     du: &mut [f32],
     u: &[f32],
     a: Affine,
     (dbeta, dgamma): (&[f32], &[f32]),
     m: f32,
-) {
-    let c = a.mean.len();
+) -> Vec<f64> {
+    let c = channels::<C>(a.mean.len());
+    let a = a.channels(c);
+    let (dbeta, dgamma) = (&dbeta[..c], &dgamma[..c]);
+    let scale: Vec<f32> = (0..c).map(|j| a.gamma[j] * a.inv[j] / m).collect();
+    let scale = &scale[..c];
+    let mut sums = vec![0f64; c];
+    let total = &mut sums[..c];
     for (du, u) in du.chunks_exact_mut(c).zip(u.chunks_exact(c)) {
+        let (du, u) = (&mut du[..c], &u[..c]);
         for j in 0..c {
-            let scale = a.gamma[j] * a.inv[j] / m;
             let zhat = (u[j] - a.mean[j]) * a.inv[j];
-            du[j] = scale * (m * du[j] - dbeta[j] - zhat * dgamma[j]);
+            du[j] = scale[j] * (m * du[j] - dbeta[j] - zhat * dgamma[j]);
+            total[j] += du[j] as f64;
         }
     }
+    sums
 }
 
-/// The tasks' per-channel sums added in task order.
-fn add_in_order(sums: &[Vec<(f64, f64)>], c: usize) -> Vec<(f64, f64)> {
-    let mut total = vec![(0f64, 0f64); c];
+/// The tasks' per-channel sums (each `len` values) added in task order.
+fn add_in_order(sums: &[Vec<f64>], len: usize) -> Vec<f64> {
+    let mut total = vec![0f64; len];
     for task in sums {
-        for (t, s) in total.iter_mut().zip(task) {
-            t.0 += s.0;
-            t.1 += s.1;
-        }
+        total.iter_mut().zip(task).for_each(|(t, s)| *t += s);
     }
     total
 }
 
-/// Per channel, Σδz and Σδz·ẑ over the rows of `dz`, ẑ = (u − μ)/√(σ² + eps).
+/// Per channel, Σδz then Σδz·ẑ over the rows of `dz` (2c values),
+/// ẑ = (u − μ)/√(σ² + eps).
 #[inline(always)]
-fn normalised_sums(dz: &[f32], u: &[f32], a: Affine) -> Vec<(f64, f64)> {
+fn normalised_sums(dz: &[f32], u: &[f32], a: Affine) -> Vec<f64> {
     let c = a.mean.len();
-    let mut sums = vec![(0f64, 0f64); c];
-    for (g, u) in dz.chunks_exact(c).zip(u.chunks_exact(c)) {
-        for j in 0..c {
-            let zhat = (u[j] - a.mean[j]) * a.inv[j];
-            sums[j].0 += g[j] as f64;
-            sums[j].1 += (g[j] * zhat) as f64;
+    let len = block_len(c);
+    let repeat = |v: &[f32]| -> Vec<f32> { (0..len).map(|i| v[i % c]).collect() };
+    let (mean, inv) = (repeat(a.mean), repeat(a.inv));
+    let mut sums = vec![0f64; 2 * len];
+    let (first, second) = sums.split_at_mut(len);
+    for (g, u) in dz.chunks(len).zip(u.chunks(len)) {
+        let n = g.len();
+        for ((((s, sz), &g), &u), (&mean, &inv)) in first[..n]
+            .iter_mut()
+            .zip(&mut second[..n])
+            .zip(g)
+            .zip(u)
+            .zip(mean.iter().zip(&inv))
+        {
+            let zhat = (u - mean) * inv;
+            *s += g as f64;
+            *sz += (g * zhat) as f64;
         }
     }
-    sums
+    per_channel(&sums, c)
 }
 
-/// Per channel, Σu and Σu² over the rows of `u`, in f64.
+/// Per channel, Σu then Σu² over the rows of `u` (2c values), in f64;
+/// only Σu with `squares` false (c values).
 #[inline(always)]
-fn channel_sums(u: &[f32], c: usize) -> Vec<(f64, f64)> {
-    let mut sums = vec![(0f64, 0f64); c];
-    for row in u.chunks_exact(c) {
-        for (s, &v) in sums.iter_mut().zip(row) {
-            let v = v as f64;
-            s.0 += v;
-            s.1 += v * v;
+fn channel_sums(u: &[f32], c: usize, squares: bool) -> Vec<f64> {
+    let len = block_len(c);
+    let mut sums = vec![0f64; if squares { 2 * len } else { len }];
+    let (first, second) = sums.split_at_mut(len);
+    for block in u.chunks(len) {
+        let n = block.len();
+        if squares {
+            for ((s, sq), &v) in first[..n].iter_mut().zip(&mut second[..n]).zip(block) {
+                let v = v as f64;
+                *s += v;
+                *sq += v * v;
+            }
+        } else {
+            for (s, &v) in first[..n].iter_mut().zip(block) {
+                *s += v as f64;
+            }
         }
     }
-    sums
+    per_channel(&sums, c)
+}
+
+/// The sums above run over blocks of whole rows, one accumulator per value
+/// of a block: long loops that compile to vectors whatever the channel
+/// count. Their order depends on the task's rows alone, not on the threads.
+fn block_len(c: usize) -> usize {
+    (256 / c).max(1) * c
+}
+
+/// Blocks of accumulators (each [`block_len`] long, a whole number of rows)
+/// to per-channel sums, each channel's rows added in order.
+fn per_channel(blocks: &[f64], c: usize) -> Vec<f64> {
+    let len = block_len(c);
+    blocks
+        .chunks_exact(len)
+        .flat_map(|block| (0..c).map(move |j| block.iter().skip(j).step_by(c).sum::<f64>()))
+        .collect()
 }
 
 /// `v` in chunks of `len`, or `tasks` times `None` where there is no `v`.
