@@ -30,7 +30,7 @@ use super::super::activation::Pointwise;
 use super::super::{BatchNorm, ForwardTrace, Model};
 use crate::config::Pool;
 use crate::ops::sgemm::{Order, product};
-use crate::ops::{F32View, Patches, sum_of_squares, wide};
+use crate::ops::{F32View, Patches, Recycled, sum_of_squares, wide};
 
 /// Patch rows per task: a conv2 task of 2 images (392 rows of 400 values)
 /// keeps its patches (0.6 MB) and the product's packed copy of them in L2
@@ -68,11 +68,11 @@ struct HostNorm<'a> {
 /// A block's forward values, kept for its backward pass.
 pub(super) struct BlockForward {
     /// u, `[n·h'·w', c_out]`.
-    conv: Vec<f32>,
+    conv: Recycled,
     /// Per channel μ and 1/√(σ² + eps) of the batch, with BatchNorm.
     norm: Option<(Vec<f32>, Vec<f32>)>,
     /// y, the next block's input or the head's.
-    pub output: Vec<f32>,
+    pub output: Recycled,
     /// z and h, `[n, h', w', c_out]`, on traced steps.
     traced: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -84,7 +84,7 @@ pub(super) struct BlockGradients {
     /// δz, `[n, h', w', c_out]`, on traced steps.
     pub preact_grad: Option<Tensor>,
     /// δx, the gradient of the block's input, where asked for.
-    pub input_grad: Option<Vec<f32>>,
+    pub input_grad: Option<Recycled>,
 }
 
 impl<'a> HostBlock<'a> {
@@ -170,7 +170,7 @@ impl<'a> HostBlock<'a> {
     ) -> Result<BlockForward> {
         let (images, c, row_len) = (self.task_images(), self.c_out, self.patches.row_len());
         let task_conv = images * self.conv_len();
-        let mut conv = vec![0f32; n * self.conv_len()];
+        let mut conv = Recycled::overwritten(n * self.conv_len());
         let sums: Vec<Vec<f64>> = conv
             .par_chunks_mut(task_conv)
             .zip(x.par_chunks(images * self.patches.image_len()))
@@ -214,7 +214,7 @@ impl<'a> HostBlock<'a> {
         };
 
         let tasks = n.div_ceil(images);
-        let mut output = vec![0f32; n * self.output_len()];
+        let mut output = Recycled::overwritten(n * self.output_len());
         let mut traced = trace.then(|| {
             let len = n * self.conv_len();
             (vec![0f32; len], vec![0f32; len])
@@ -227,8 +227,8 @@ impl<'a> HostBlock<'a> {
         output
             .par_chunks_mut(images * self.output_len())
             .zip(conv.par_chunks(task_conv))
-            .zip(optional_chunks(zs, task_conv, tasks))
-            .zip(optional_chunks(hs, task_conv, tasks))
+            .zip(optional_chunks(zs.map(|v| &mut v[..]), task_conv, tasks))
+            .zip(optional_chunks(hs.map(|v| &mut v[..]), task_conv, tasks))
             .for_each(|(((y, u), zs), hs)| {
                 {
                     wide(
@@ -282,7 +282,7 @@ impl<'a> HostBlock<'a> {
         let (c, row_len) = (self.c_out, self.patches.row_len());
         let task_conv = images * self.conv_len();
         let affine = self.affine(forward.norm.as_ref());
-        let mut dz = vec![0f32; n * self.conv_len()];
+        let mut dz = Recycled::overwritten(n * self.conv_len());
         let sums: Vec<Vec<f64>> = dz
             .par_chunks_mut(task_conv)
             .zip(forward.conv.par_chunks(task_conv))
@@ -337,13 +337,13 @@ impl<'a> HostBlock<'a> {
             .collect();
         let (dbeta, dgamma) = totals.split_at(c);
         let m = (n * self.patches.rows_per_image()) as f32;
-        let mut dx = input_grad.then(|| vec![0f32; n * self.patches.image_len()]);
+        let mut dx = input_grad.then(|| Recycled::overwritten(n * self.patches.image_len()));
         let partials: Vec<(Vec<f32>, Vec<f64>)> = dz
             .par_chunks_mut(task_conv)
             .zip(forward.conv.par_chunks(task_conv))
             .zip(x.par_chunks(images * self.patches.image_len()))
             .zip(optional_chunks(
-                dx.as_mut(),
+                dx.as_deref_mut(),
                 images * self.patches.image_len(),
                 tasks,
             ))
@@ -884,7 +884,7 @@ fn per_channel(blocks: &[f64], c: usize) -> Vec<f64> {
 }
 
 /// `v` in chunks of `len`, or `tasks` times `None` where there is no `v`.
-fn optional_chunks(v: Option<&mut Vec<f32>>, len: usize, tasks: usize) -> Vec<Option<&mut [f32]>> {
+fn optional_chunks(v: Option<&mut [f32]>, len: usize, tasks: usize) -> Vec<Option<&mut [f32]>> {
     match v {
         Some(v) => v.chunks_mut(len).map(Some).collect(),
         None => (0..tasks).map(|_| None).collect(),

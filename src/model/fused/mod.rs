@@ -36,7 +36,7 @@ use crate::ops::disjoint::{
     Disjoint, Uninit, each_part, in_parts, in_parts_pair, init_map, init_zip,
 };
 use crate::ops::sgemm::{BLOCK_COLUMNS, Operand, OperandSource, Panels, Side, sgemm, sgemm_then};
-use crate::ops::{F32View, host_f32, sum_of_squares, wide};
+use crate::ops::{F32View, Recycled, host_f32, sum_of_squares, wide};
 use crate::rng::Rng;
 
 /// What one pass gives the trainer.
@@ -216,14 +216,15 @@ impl Run<'_> {
                 preact_grads.push(Tensor::from_vec(delta_i, (n, layer.out), &Device::Cpu)?);
             }
             // δ of the head's input, back through the convolution blocks.
+            let mut block_delta: Option<Recycled> = None;
             for i in (0..blocks.len()).rev() {
                 let x_i: &[f32] = match i {
                     0 => &input,
                     _ => &block_forward[i - 1].output,
                 };
-                let g =
-                    blocks[i].backward(phi, x_i, &block_forward[i], &delta, n, (i > 0, trace))?;
-                delta = g.input_grad.unwrap_or_default();
+                let dy = block_delta.as_deref().unwrap_or(&delta);
+                let g = blocks[i].backward(phi, x_i, &block_forward[i], dy, n, (i > 0, trace))?;
+                block_delta = g.input_grad;
                 for (grad, norm) in g.grads.into_iter().rev() {
                     reversed.push(grad);
                     reversed_norms.push(norm);
