@@ -17,7 +17,7 @@ fi
 # The layout a CUDA install has: lib64, and the unversioned names the linker asks for.
 [ -e "$_cuda/lib64" ] || ln -s lib "$_cuda/lib64"
 for _lib in cudart cublas cublasLt curand nvrtc; do
-    _so=$(ls "$_cuda/lib/lib$_lib.so."* 2>/dev/null | head -n 1)
+    _so=$(ls "$_cuda/lib/lib$_lib.so."* 2>/dev/null | head -n 1 || true)
     [ -n "$_so" ] && [ ! -e "$_cuda/lib/lib$_lib.so" ] && ln -s "$(basename "$_so")" "$_cuda/lib/lib$_lib.so"
 done
 # libcuda.so comes with the GPU driver, and no wheel holds the toolkit's stub
@@ -27,7 +27,9 @@ done
 # libcuda.so.1, so that at run time the driver's own library is the one
 # loaded. It is on the link path only (LIBRARY_PATH), never LD_LIBRARY_PATH.
 if [ ! -e "$_cuda/lib/stubs/libcuda.so" ]; then
-    _sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | tail -n 1)
+    # `|| true`: .ci/run sources this under `set -euo pipefail`, where a
+    # failed `ls` (cudarc not yet unpacked in a fresh CARGO_HOME) would end CI.
+    _sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | tail -n 1 || true)
     if [ -z "$_sys" ]; then
         cargo fetch --quiet
         _sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -n 1)

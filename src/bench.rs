@@ -22,7 +22,7 @@ use crate::config::{
 use crate::error::UserError;
 use crate::optim::schedule::Schedule;
 use crate::sinks::Record;
-use crate::train::step::Probe;
+use crate::train::step::Measures;
 use crate::train::{StepPlan, Trainer};
 
 /// A benchmark case: a model shape and a batch size.
@@ -206,7 +206,7 @@ impl Setup {
             let measure = self.measurements && self.steps_done.is_multiple_of(measure_every);
             let plan = StepPlan {
                 evaluate: false,
-                probe: Probe {
+                measures: Measures {
                     measure,
                     histograms: false,
                     diagnostics: measure,

@@ -16,7 +16,7 @@ use larslab::config::{Activation, ModelConfig, ModelKind, Padding, Pool};
 use larslab::model::Model;
 use larslab::ops::Recycled;
 use larslab::rng::{self, Stream};
-use larslab::train::step::{Gradients, by_hand, fused_pass, with_autograd};
+use larslab::train::step::{Backward, Gradients, by_hand, fused_pass, with_autograd};
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -315,5 +315,17 @@ fn fused_cnn_bits_do_not_depend_on_the_thread_count() {
     let one = grads(1);
     for threads in [2, 3] {
         assert!(one == grads(threads), "{threads} threads differ from 1");
+    }
+}
+
+/// A model on the CPU takes the fused pass, an MLP's and a CNN's alike; the
+/// choice is the model's, made once (the trainer keeps it).
+#[test]
+fn models_on_the_cpu_take_the_fused_pass() {
+    let mlp = Model::new(&ModelConfig::default(), &[28, 28], 10, 1, &Device::Cpu).unwrap();
+    let conv = cnn(vec![[4, 3]], Activation::Relu, Pool::Max, Padding::Same);
+    let cnn = Model::new(&conv, &[16, 16], 4, 1, &Device::Cpu).unwrap();
+    for model in [&mlp, &cnn] {
+        assert_eq!(Backward::for_model(model), Backward::Fused);
     }
 }

@@ -39,7 +39,7 @@ use crate::sinks::jsonl::JsonlSink;
 use crate::sinks::tensorboard::TensorBoardSink;
 use crate::sinks::{Record, Sinks};
 use eval::{BestSoFar, evaluate, loss_and_accuracy};
-use step::{Probe, apply_update, forward_backward, norm_of, param_grad_norms, record_batch};
+use step::{Backward, Measures, apply_update, norm_of, param_grad_norms, record_batch};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +195,8 @@ pub struct Trainer {
     device: Device,
     data: data::Splits,
     model: Model,
+    /// How each step takes its gradients, chosen with the model.
+    backward: Backward,
     optimizer: Optimizer,
     batcher: Batcher,
     dropout_rng: Rng,
@@ -220,7 +222,7 @@ pub struct StepPlan {
     /// Evaluate on the validation split before the step.
     pub evaluate: bool,
     /// The measurements taken during the step.
-    pub probe: Probe,
+    pub measures: Measures,
     /// Singular values of every weight matrix.
     pub spectra: bool,
 }
@@ -268,6 +270,7 @@ impl Trainer {
             config: config.clone(),
             device,
             data,
+            backward: Backward::for_model(&model),
             model,
             batcher,
             step: 0,
@@ -627,7 +630,7 @@ impl Trainer {
         let every = |n: u64| n > 0 && step.is_multiple_of(n);
         StepPlan {
             evaluate: step.is_multiple_of(c.train.eval_every),
-            probe: Probe {
+            measures: Measures {
                 measure: step.is_multiple_of(c.train.log_every),
                 histograms: every(c.log.histogram_every),
                 diagnostics: every(c.diagnostics.every),
@@ -648,16 +651,16 @@ impl Trainer {
     ) -> anyhow::Result<StepDone> {
         let step = self.step;
         let lr = self.lr_at(schedule, step);
-        let probe = plan.probe;
+        let measures = plan.measures;
         let (x, y) = self
             .data
             .train
             .batch(self.batcher.next_batch(), &self.device)?;
-        let g = forward_backward(
+        let g = self.backward.run(
             &self.model,
             (&x, &y),
             &mut self.dropout_rng,
-            probe.diagnostics,
+            measures.diagnostics,
         )?;
         let norms = match &g.grads {
             Some(_) if self.detector.needs_grad_norm() => Some(self.observed_norms(&g)?),
@@ -674,7 +677,7 @@ impl Trainer {
         let verdict = self.detector.observe(step, seen).or_else(|| {
             (!g.loss.is_finite()).then(|| Verdict::new(Rule::NonFiniteLoss, step, step))
         });
-        if probe.measure || verdict.is_some() {
+        if measures.measure || verdict.is_some() {
             record_batch(record, &g, &y, lr)?;
             if let Some(smoothed) = self.detector.smoothed_loss() {
                 record.push("loss/smoothed", smoothed);
@@ -714,7 +717,7 @@ impl Trainer {
             g.grad_norms.as_deref(),
             lr,
             record,
-            probe,
+            measures,
         )?;
         self.step = step + 1;
         if record.values.iter().any(|(_, v)| !v.is_finite()) && record.get("diverged").is_none() {

@@ -13,7 +13,7 @@ use crate::sinks::Record;
 
 /// What to observe during one update besides the loss.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Probe {
+pub struct Measures {
     /// Training metrics and per-parameter measurements into the record.
     pub measure: bool,
     /// Every parameter's and gradient's values, for histograms.
@@ -36,32 +36,55 @@ pub struct Gradients {
     pub trace: Option<ForwardTrace>,
 }
 
-/// Forward (dropout masks from `dropout_rng`), mean cross-entropy, backward;
-/// with `trace`, keeping the layers' insides for [`crate::diagnostics::layer_stats`].
-/// On the CPU the backward pass is written out as fused passes, an MLP's
-/// and a CNN's ([`crate::model::fused`]). Elsewhere an MLP's runs in candle
-/// operations ([`crate::model::backward`]) and a CNN's through candle's autograd.
-pub fn forward_backward(
-    model: &Model,
-    (x, y): (&Tensor, &Tensor),
-    dropout_rng: &mut Rng,
-    trace: bool,
-) -> anyhow::Result<Gradients> {
-    if fused::applies(x) {
-        return fused_pass(model, (x, y), dropout_rng, trace);
-    }
-    let g = if model.is_convolutional() {
-        with_autograd(model, (x, y), dropout_rng, trace)?
-    } else {
-        by_hand(model, (x, y), dropout_rng)?
-    };
-    Ok(Gradients {
-        trace: g.trace.filter(|_| trace),
-        ..g
-    })
+/// How a run's steps take their gradients: chosen once, from the model and
+/// its device, when the trainer is built. Every way returns [`Gradients`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backward {
+    /// The fused CPU passes, an MLP's and a CNN's ([`crate::model::fused`]):
+    /// f32 parameters on the CPU.
+    Fused,
+    /// An MLP's explicit backward pass in candle operations
+    /// ([`crate::model::backward`]), on other devices.
+    ByHand,
+    /// Candle's autograd: a CNN on other devices.
+    Autograd,
 }
 
-/// The fused CPU pass of an MLP.
+impl Backward {
+    /// The way for `model`, on the device its parameters live on.
+    pub fn for_model(model: &Model) -> Self {
+        let params = model.params();
+        let on_host = params.iter().all(|p| fused::applies(p.tensor()));
+        match (on_host, model.is_convolutional()) {
+            (true, _) => Backward::Fused,
+            (false, false) => Backward::ByHand,
+            (false, true) => Backward::Autograd,
+        }
+    }
+
+    /// Forward (dropout masks from `dropout_rng`), mean cross-entropy,
+    /// backward; with `trace`, keeping the layers' insides for
+    /// [`crate::diagnostics::layer_stats`].
+    pub fn run(
+        self,
+        model: &Model,
+        batch: (&Tensor, &Tensor),
+        dropout_rng: &mut Rng,
+        trace: bool,
+    ) -> anyhow::Result<Gradients> {
+        let g = match self {
+            Backward::Fused => fused_pass(model, batch, dropout_rng, trace)?,
+            Backward::ByHand => by_hand(model, batch, dropout_rng)?,
+            Backward::Autograd => with_autograd(model, batch, dropout_rng, trace)?,
+        };
+        Ok(Gradients {
+            trace: g.trace.filter(|_| trace),
+            ..g
+        })
+    }
+}
+
+/// The fused CPU pass of an MLP or a CNN.
 pub fn fused_pass(
     model: &Model,
     (x, y): (&Tensor, &Tensor),
@@ -184,7 +207,7 @@ pub fn record_batch(
     Ok(())
 }
 
-/// The optimizer step, with the per-parameter measurements and histograms the probe asks for.
+/// The optimizer step, with the per-parameter measurements and histograms `measures` asks for.
 pub fn apply_update(
     model: &Model,
     optimizer: &mut Optimizer,
@@ -192,10 +215,10 @@ pub fn apply_update(
     grad_norms: Option<&[f32]>,
     lr: f64,
     record: &mut Record,
-    probe: Probe,
+    measures: Measures,
 ) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     let mut histograms = Vec::new();
-    if probe.histograms {
+    if measures.histograms {
         for param in model.params() {
             let grad = grads
                 .get(param.tensor())
@@ -211,8 +234,8 @@ pub fn apply_update(
         }
     }
     let params = model.params();
-    let steps = optimizer.step_with_norms(params, grads, grad_norms, lr, probe.measure)?;
-    if probe.measure {
+    let steps = optimizer.step_with_norms(params, grads, grad_norms, lr, measures.measure)?;
+    if measures.measure {
         step_measurements(params, grads, grad_norms, &steps, lr, record)?;
     }
     Ok(histograms)
