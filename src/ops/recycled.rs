@@ -13,11 +13,19 @@ use std::sync::Mutex;
 /// Free buffers kept for the next step: more than one step of the fused
 /// CNN pass holds at once.
 const KEPT: usize = 32;
+/// At most this many values (1 GiB) are kept free; a larger buffer given
+/// back is freed.
+const KEPT_VALUES: usize = 1 << 28;
 
 static FREE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-/// An f32 buffer that returns to the free list when dropped.
-pub struct Recycled(Vec<f32>);
+/// An f32 buffer that returns to the free list when dropped: the first
+/// `len` values of `values`, which keeps the length it grew to (shortening
+/// it and growing it again would zero the difference on every use).
+pub struct Recycled {
+    values: Vec<f32>,
+    len: usize,
+}
 
 impl Recycled {
     /// `len` values, which hold whatever an earlier user left: the caller
@@ -29,19 +37,17 @@ impl Recycled {
             let fits = free
                 .iter()
                 .enumerate()
-                .filter(|(_, v)| v.capacity() >= len)
-                .min_by_key(|(_, v)| v.capacity())
-                .or_else(|| free.iter().enumerate().max_by_key(|(_, v)| v.capacity()))
+                .filter(|(_, v)| v.len() >= len)
+                .min_by_key(|(_, v)| v.len())
+                .or_else(|| free.iter().enumerate().max_by_key(|(_, v)| v.len()))
                 .map(|(i, _)| i);
             fits.map(|i| free.swap_remove(i))
         };
         let mut values = reused.unwrap_or_default();
-        if values.len() > len {
-            values.truncate(len);
-        } else {
+        if values.len() < len {
             values.resize(len, 0.0);
         }
-        Self(values)
+        Self { values, len }
     }
 
     /// Sets every free buffer's values to NaN, so that a test can show that
@@ -50,7 +56,6 @@ impl Recycled {
     pub fn poison_free_buffers() {
         let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
         for v in free.iter_mut() {
-            v.resize(v.capacity(), 0.0);
             v.fill(f32::NAN);
         }
     }
@@ -58,9 +63,10 @@ impl Recycled {
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        let values = std::mem::take(&mut self.0);
+        let values = std::mem::take(&mut self.values);
         let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < KEPT && values.capacity() > 0 {
+        let kept: usize = free.iter().map(Vec::len).sum();
+        if free.len() < KEPT && !values.is_empty() && kept + values.len() <= KEPT_VALUES {
             free.push(values);
         }
     }
@@ -69,13 +75,13 @@ impl Drop for Recycled {
 impl Deref for Recycled {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.0
+        &self.values[..self.len]
     }
 }
 
 impl DerefMut for Recycled {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0
+        &mut self.values[..self.len]
     }
 }
 

@@ -13,7 +13,7 @@
 //! whatever the number of threads. Every sum over the batch (BatchNorm's
 //! moments, ∂γ, ∂β, ∂b, ∂K) is taken per task and the tasks' sums are added
 //! in task order, so a run's bits do not depend on the thread count. A task
-//! has about [`TASK_ROWS`] patch rows, written into a buffer of its thread
+//! has at most [`TASK_ROWS`] patch rows (or one image, where an image has more), written into a buffer of its thread
 //! that is reused from step to step and stays in L2 until the product reads
 //! it. z and h are not kept: the backward pass recomputes them from u, which
 //! costs less than writing and reading them back.
@@ -230,32 +230,30 @@ impl<'a> HostBlock<'a> {
             .zip(optional_chunks(zs.map(|v| &mut v[..]), task_conv, tasks))
             .zip(optional_chunks(hs.map(|v| &mut v[..]), task_conv, tasks))
             .for_each(|(((y, u), zs), hs)| {
-                {
-                    wide(
-                        #[inline(always)]
-                        || {
-                            let mut gathered = vec![0f32; c];
-                            for (y, u) in y
-                                .chunks_exact_mut(self.output_len())
-                                .zip(u.chunks_exact(self.conv_len()))
-                            {
-                                for_channel_count!(c, |C| match affine {
-                                    Some(a) =>
-                                        self.pool_image::<C, _, _>((phi, a), u, y, &mut gathered),
-                                    None => self.pool_image::<C, _, _>(
-                                        (phi, Unnormalised),
-                                        u,
-                                        y,
-                                        &mut gathered
-                                    ),
-                                })
-                            }
-                            if let (Some(zs), Some(hs)) = (zs, hs) {
-                                activate(phi, affine, u, zs, hs);
-                            }
-                        },
-                    )
-                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        let mut gathered = vec![0f32; c];
+                        for (y, u) in y
+                            .chunks_exact_mut(self.output_len())
+                            .zip(u.chunks_exact(self.conv_len()))
+                        {
+                            for_channel_count!(c, |C| match affine {
+                                Some(a) =>
+                                    self.pool_image::<C, _, _>((phi, a), u, y, &mut gathered),
+                                None => self.pool_image::<C, _, _>(
+                                    (phi, Unnormalised),
+                                    u,
+                                    y,
+                                    &mut gathered
+                                ),
+                            })
+                        }
+                        if let (Some(zs), Some(hs)) = (zs, hs) {
+                            activate(phi, affine, u, zs, hs);
+                        }
+                    },
+                )
             });
         Ok(BlockForward {
             conv,
@@ -283,12 +281,11 @@ impl<'a> HostBlock<'a> {
         let task_conv = images * self.conv_len();
         let affine = self.affine(forward.norm.as_ref());
         let mut dz = Recycled::overwritten(n * self.conv_len());
-        let sums: Vec<Vec<f64>> = dz
-            .par_chunks_mut(task_conv)
-            .zip(forward.conv.par_chunks(task_conv))
-            .zip(dy.par_chunks(images * self.output_len()))
-            .map(|((dz, u), dy)| {
-                {
+        let sums: Vec<Vec<f64>> =
+            dz.par_chunks_mut(task_conv)
+                .zip(forward.conv.par_chunks(task_conv))
+                .zip(dy.par_chunks(images * self.output_len()))
+                .map(|((dz, u), dy)| {
                     wide(
                         #[inline(always)]
                         || {
@@ -320,9 +317,8 @@ impl<'a> HostBlock<'a> {
                             }
                         },
                     )
-                }
-            })
-            .collect();
+                })
+                .collect();
         let preact_grad = trace
             .then(|| {
                 let p = &self.patches;
@@ -676,7 +672,8 @@ fn activate<A: Pointwise>(phi: A, affine: Option<Affine>, u: &[f32], z: &mut [f3
 }
 
 /// `out` = pool(φ(z)) of one window per channel: the first maximum, or
-/// the mean, of its pixels, whose u are `corners`.
+/// the mean, of its pixels, whose u are `corners`; without pooling, φ(z)
+/// of its one pixel.
 ///
 /// This and [`unpool_window`] are written channel by channel without
 /// branches, so that the compiler turns each into vector operations.
@@ -722,7 +719,7 @@ fn maxima([h0, h1, h2, h3]: [f32; 4]) -> [f32; 4] {
 
 /// δz of one window's pixels (`d`, in the order of `corners`) from its
 /// δy per channel `g`: all of it to the first maximum, or a quarter to
-/// each, times φ'(z).
+/// each, times φ'(z); without pooling, δy·φ'(z) of its one pixel.
 #[inline(always)]
 fn unpool_window<const C: usize, A: Pointwise, N: ToZ>(
     (phi, norm): (A, N),
@@ -745,35 +742,31 @@ fn unpool_window<const C: usize, A: Pointwise, N: ToZ>(
     let u = corners.map(|u| &u[..c]);
     let z = |q: usize, j: usize| norm.z(j, u[q][j]);
     let (d0, d1, d2, d3) = (&mut d0[..c], &mut d1[..c], &mut d2[..c], &mut d3[..c]);
-    match pool {
-        Pool::None => unreachable!("handled above"),
-        Pool::Max => {
-            for j in 0..c {
-                let z = [z(0, j), z(1, j), z(2, j), z(3, j)];
-                let h = z.map(|z| phi.value(z));
-                let [_, m1, m2, _] = maxima(h);
-                // Where the first maximum is: the last pixel that beat the
-                // maximum of those before it.
-                let (s1, s2, s3) = (h[1] > h[0], h[2] > m1, h[3] > m2);
-                let share = |at: bool| if at { g[j] } else { 0.0 };
-                d0[j] = share(!(s1 || s2 || s3)) * phi.slope(z[0], h[0]);
-                d1[j] = share(s1 && !(s2 || s3)) * phi.slope(z[1], h[1]);
-                d2[j] = share(s2 && !s3) * phi.slope(z[2], h[2]);
-                d3[j] = share(s3) * phi.slope(z[3], h[3]);
-            }
+    if pool == Pool::Max {
+        for j in 0..c {
+            let z = [z(0, j), z(1, j), z(2, j), z(3, j)];
+            let h = z.map(|z| phi.value(z));
+            let [_, m1, m2, _] = maxima(h);
+            // Where the first maximum is: the last pixel that beat the
+            // maximum of those before it.
+            let (s1, s2, s3) = (h[1] > h[0], h[2] > m1, h[3] > m2);
+            let share = |at: bool| if at { g[j] } else { 0.0 };
+            d0[j] = share(!(s1 || s2 || s3)) * phi.slope(z[0], h[0]);
+            d1[j] = share(s1 && !(s2 || s3)) * phi.slope(z[1], h[1]);
+            d2[j] = share(s2 && !s3) * phi.slope(z[2], h[2]);
+            d3[j] = share(s3) * phi.slope(z[3], h[3]);
         }
-        Pool::Avg => {
-            for j in 0..c {
-                let share = g[j] / 4.0;
-                let slope = |q: usize| {
-                    let z = z(q, j);
-                    phi.slope(z, phi.value(z))
-                };
-                d0[j] = share * slope(0);
-                d1[j] = share * slope(1);
-                d2[j] = share * slope(2);
-                d3[j] = share * slope(3);
-            }
+    } else {
+        for j in 0..c {
+            let share = g[j] / 4.0;
+            let slope = |q: usize| {
+                let z = z(q, j);
+                phi.slope(z, phi.value(z))
+            };
+            d0[j] = share * slope(0);
+            d1[j] = share * slope(1);
+            d2[j] = share * slope(2);
+            d3[j] = share * slope(3);
         }
     }
 }

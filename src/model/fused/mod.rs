@@ -54,7 +54,8 @@ pub struct ForwardBackward {
     pub trace: Option<ForwardTrace>,
 }
 
-/// Whether [`forward_backward`] can take these values (a model's parameters, a batch): f32 on the CPU.
+/// Whether [`forward_backward`] can take a model with these parameters: f32
+/// on the CPU (where the batches are then f32 too).
 pub fn applies(x: &Tensor) -> bool {
     x.contiguous().is_ok_and(|x| host_f32(&x).is_some())
 }
